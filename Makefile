@@ -1,0 +1,48 @@
+# ser_tf: `make run` and `make test` bootstrap .venv themselves on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+CLEVERHANS := cleverhans==4.0.0
+
+CORPUS ?= synthetic
+DATA_DIR ?=
+WORKDIR ?= runs/$(CORPUS)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: run test test-fast bench lint clean venv
+
+venv: $(STAMP)
+
+# cleverhans is installed without its dependency tree: its tf2 attacks import only
+# tensorflow and numpy, and its declared deps (tensorflow-probability, mnist, nose, ...)
+# would add hundreds of MB and conflicting pins.
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check --upgrade pip
+	$(PIP) install -q --disable-pip-version-check -e ".[dev]"
+	$(PIP) install -q --disable-pip-version-check --no-deps $(CLEVERHANS)
+	@touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install -q --disable-pip-version-check -e ".[dev,bench]"
+	@touch $(BENCH_STAMP)
+
+run: $(STAMP)
+	$(PY) -m trainers.train --flagfile=configs/$(CORPUS)_cnn_lstm.flags --workdir=$(WORKDIR) \
+	  $(if $(DATA_DIR),--data_dir=$(DATA_DIR),)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not bench" tests
+
+lint: $(STAMP)
+	$(PY) -m flake8 ser_tf trainers export tests bench
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench.run --out=BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,1 @@
+"""Data: corpus adapters, audio decoding and resampling, tf.data pipelines, synthetic corpus."""

@@ -1,0 +1,347 @@
+"""tf.data pipelines: decode a corpus once, then training crops and evaluation windows.
+
+The flow:
+
+1. :func:`decode_corpus` decodes every file in parallel (``AUTOTUNE``), conditions it
+   (:func:`ser_tf.data.audio.load_waveform`) and caches the waveforms (in memory, or in a
+   cache file for corpora larger than RAM). This single pass also finds bad audio: a file
+   whose decoding fails is dropped by ``ignore_errors`` and, because each element carries
+   its utterance index, the missing indices name exactly the bad files; each is then
+   re-decoded alone to get the reason. ``on_bad_audio="skip"`` logs every bad file and
+   goes on, ``"fail"`` raises :class:`BadAudioError` naming them.
+2. :func:`training_dataset` selects a split from the cache, shuffles, takes a random
+   fixed-length crop of each utterance (short clips are looped or zero-padded), applies
+   waveform augmentation, batches and prefetches. Randomness comes from the seed only.
+3. :func:`evaluation_dataset` cuts each utterance of a split into all its fixed-length
+   windows (the last one aligned to the end), for utterance-level evaluation by averaging
+   the logits of the windows (:func:`ser_tf.evaluation.predict.predict_utterances`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from ser_tf.data.audio import AudioConfig, load_waveform
+from ser_tf.data.corpora import Utterance
+
+log = logging.getLogger(__name__)
+AUTOTUNE = tf.data.AUTOTUNE
+BAD_AUDIO_POLICIES = ("skip", "fail")
+
+
+@dataclasses.dataclass(frozen=True)
+class BadAudio:
+    """A file that could not be used, and why."""
+
+    path: str
+    reason: str
+
+
+class BadAudioError(RuntimeError):
+    """Raised with ``on_bad_audio="fail"``; ``.bad`` lists every bad file and its reason."""
+
+    def __init__(self, bad: Sequence[BadAudio]):
+        self.bad = list(bad)
+        lines = "\n".join(f"  {b.path}: {b.reason}" for b in self.bad[:20])
+        more = f"\n  ... and {len(self.bad) - 20} more" if len(self.bad) > 20 else ""
+        super().__init__(f"{len(self.bad)} bad audio file(s) (use --on_bad_audio=skip to "
+                         f"leave them out):\n{lines}{more}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Waveform augmentation for training crops (all off by default).
+
+    Attributes:
+      gain_db: random gain, uniform in ``[-gain_db, +gain_db]`` dB.
+      noise_snr_db: ``(low, high)``: add white noise at an SNR uniform in that range, or
+        None for no noise.
+      noise_prob: probability of adding noise to a crop.
+      shift_s: random circular time shift of up to this many seconds either way.
+    """
+
+    gain_db: float = 0.0
+    noise_snr_db: tuple[float, float] | None = None
+    noise_prob: float = 0.5
+    shift_s: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.gain_db or self.noise_snr_db or self.shift_s)
+
+
+@dataclasses.dataclass
+class DecodedCorpus:
+    """A corpus decoded once and cached.
+
+    Attributes:
+      utterances: the good utterances; position ``i`` is index ``i`` in ``dataset``.
+      dataset: cached dataset of ``(index int64, waveform float32 [samples])``.
+      lengths: samples per utterance after conditioning.
+      bad: files left out, with reasons.
+      config: the audio configuration used.
+    """
+
+    utterances: list[Utterance]
+    dataset: tf.data.Dataset
+    lengths: np.ndarray
+    bad: list[BadAudio]
+    config: AudioConfig
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+
+def _error_reason(path: str, config: AudioConfig) -> str:
+    """Decodes one file eagerly and returns why it fails ("" if it does not)."""
+    try:
+        load_waveform(tf.constant(path), config)
+    except (tf.errors.OpError, ValueError) as err:
+        message = getattr(err, "message", str(err)).strip().splitlines()
+        text = next((ln.strip() for ln in message if ln.strip()), type(err).__name__)
+        for marker in ("Condition x", "assertion failed"):
+            text = text.split(marker)[0].strip(" .:")
+        return text or type(err).__name__
+    return ""
+
+
+def decode_corpus(utterances: Sequence[Utterance], config: AudioConfig, *,
+                  on_bad_audio: str = "skip", cache_path: str = "",
+                  progress: bool = True) -> DecodedCorpus:
+    """Decodes, checks and caches every utterance (one parallel pass).
+
+    Args:
+      utterances: what to decode.
+      config: how to condition the audio.
+      on_bad_audio: ``"skip"`` (log each bad file, leave it out) or ``"fail"``.
+      cache_path: file prefix for an on-disk cache ("" caches in memory).
+      progress: show a progress bar.
+
+    Returns:
+      The decoded corpus.
+
+    Raises:
+      BadAudioError: with ``on_bad_audio="fail"`` when any file is bad.
+      ValueError: bad arguments, or no usable audio at all.
+    """
+    if on_bad_audio not in BAD_AUDIO_POLICIES:
+        raise ValueError(f"on_bad_audio must be one of {BAD_AUDIO_POLICIES}, "
+                         f"got {on_bad_audio!r}")
+    if not utterances:
+        raise ValueError("no utterances to decode")
+    paths = tf.constant([u.path for u in utterances])
+
+    def load(i):
+        return i, load_waveform(tf.gather(paths, i), config)
+
+    decoded = (tf.data.Dataset.range(len(utterances))
+               .map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+               .ignore_errors()
+               .cache(cache_path))
+    lengths = {}
+    for i, wave in tqdm(decoded, total=len(utterances), desc="decoding audio", unit="file",
+                        disable=not progress, leave=False):
+        lengths[int(i)] = int(wave.shape[0])
+
+    bad = [BadAudio(u.path, _error_reason(u.path, config) or "could not be decoded")
+           for i, u in enumerate(utterances) if i not in lengths]
+    if bad and on_bad_audio == "fail":
+        raise BadAudioError(bad)
+    for b in bad:
+        log.warning("skipping bad audio %s: %s", b.path, b.reason)
+    if not lengths:
+        raise ValueError(f"none of the {len(utterances)} files could be used")
+
+    keep = sorted(lengths)
+    remap = np.full(len(utterances), -1, np.int64)
+    remap[keep] = np.arange(len(keep))
+    remap_t = tf.constant(remap)
+    dataset = decoded.map(lambda i, w: (tf.gather(remap_t, i), w))
+    return DecodedCorpus([utterances[i] for i in keep], dataset,
+                         np.array([lengths[i] for i in keep], np.int64), bad, config)
+
+
+def _select(corpus: DecodedCorpus, indices: Sequence[int]) -> tf.data.Dataset:
+    mask = np.zeros(len(corpus), bool)
+    mask[np.asarray(indices, np.int64)] = True
+    mask_t = tf.constant(mask)
+    # Declaring the size lets Keras count steps per epoch (a filter hides it).
+    return (corpus.dataset.filter(lambda i, w: tf.gather(mask_t, i))
+            .apply(tf.data.experimental.assert_cardinality(int(mask.sum()))))
+
+
+def fit_length(wave: tf.Tensor, length: int, offset: tf.Tensor, pad_mode: str) -> tf.Tensor:
+    """Crops or extends a waveform to exactly ``length`` samples.
+
+    Args:
+      wave: ``[samples]``.
+      length: output length.
+      offset: scalar in [0, 1): where the crop starts within the slack (0 = start).
+      pad_mode: ``"loop"`` repeats short clips, ``"zero"`` pads them with silence at the end.
+
+    Returns:
+      ``[length]`` float32.
+    """
+    wave = _extend(wave, length, pad_mode)
+    slack = tf.shape(wave)[0] - length
+    start = tf.cast(tf.floor(offset * tf.cast(slack + 1, tf.float32)), tf.int32)
+    start = tf.clip_by_value(start, 0, slack)
+    return tf.ensure_shape(wave[start:start + length], [length])
+
+
+def augment_waveform(wave: tf.Tensor, config: AugmentConfig, sample_rate: int,
+                     seed: tf.Tensor) -> tf.Tensor:
+    """Applies random gain, circular shift and additive noise (stateless, from ``seed``).
+
+    Args:
+      wave: ``[samples]``.
+      config: what to apply.
+      sample_rate: rate of ``wave``.
+      seed: int tensor ``[2]`` for the stateless random ops.
+
+    Returns:
+      The augmented waveform, clipped to [-1, 1].
+    """
+    seeds = tf.random.experimental.stateless_split(seed, 5)
+    if config.shift_s:
+        max_shift = int(config.shift_s * sample_rate)
+        shift = tf.random.stateless_uniform([], seeds[0], -max_shift, max_shift + 1, tf.int32)
+        wave = tf.roll(wave, shift, axis=0)
+    if config.gain_db:
+        gain = tf.random.stateless_uniform([], seeds[1], -config.gain_db, config.gain_db)
+        wave = wave * 10.0 ** (gain / 20.0)
+    if config.noise_snr_db:
+        low, high = config.noise_snr_db
+        snr = tf.random.stateless_uniform([], seeds[2], low, high)
+        power = tf.reduce_mean(tf.square(wave)) + 1e-12
+        noise = tf.random.stateless_normal(tf.shape(wave), seeds[3])
+        noise *= tf.sqrt(power / 10.0 ** (snr / 10.0))
+        use = tf.random.stateless_uniform([], seeds[4]) < config.noise_prob
+        wave = tf.where(use, wave + noise, wave)
+    return tf.clip_by_value(wave, -1.0, 1.0)
+
+
+def training_dataset(corpus: DecodedCorpus, indices: Sequence[int], labels: Sequence[int], *,
+                     segment_samples: int, batch_size: int, seed: int,
+                     augment: AugmentConfig | None = None, pad_mode: str = "loop",
+                     shuffle: bool = True, drop_remainder: bool = False) -> tf.data.Dataset:
+    """Random fixed-length crops of a split, batched: ``(waves [B, S], labels [B])``.
+
+    Each iteration (epoch) reshuffles and draws new crops and augmentation, all derived from
+    ``seed``, so a run is reproducible.
+
+    Args:
+      corpus: the decoded corpus.
+      indices: utterance indices of the split.
+      labels: class index for every utterance of the corpus (indexed like ``corpus``).
+      segment_samples: crop length.
+      batch_size: batch size.
+      seed: random seed.
+      augment: waveform augmentation (None: none).
+      pad_mode: how short clips are extended (see :func:`fit_length`).
+      shuffle: shuffle the order each epoch.
+      drop_remainder: drop a last incomplete batch.
+
+    Returns:
+      The dataset.
+    """
+    if len(indices) == 0:
+        raise ValueError("empty training split")
+    labels_t = tf.constant(np.asarray(labels, np.int32))
+    ds = _select(corpus, indices)
+    if shuffle:
+        ds = ds.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
+    noise = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    rate = corpus.config.sample_rate
+
+    def crop(element, rand):
+        i, wave = element
+        s = tf.cast(rand, tf.int64)
+        offset = tf.random.stateless_uniform([], s)
+        out = fit_length(wave, segment_samples, offset, pad_mode)
+        if augment is not None and augment.enabled:
+            out = augment_waveform(out, augment, rate, s + 1)
+        return out, tf.gather(labels_t, i)
+
+    ds = tf.data.Dataset.zip((ds, noise)).map(crop, num_parallel_calls=AUTOTUNE,
+                                             deterministic=True)
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
+
+
+def window_starts(num_samples: int, segment_samples: int, hop_samples: int) -> list[int]:
+    """Start offsets of the evaluation windows of one utterance (last aligned to the end)."""
+    if num_samples <= segment_samples:
+        return [0]
+    starts = list(range(0, num_samples - segment_samples + 1, hop_samples))
+    if starts[-1] != num_samples - segment_samples:
+        starts.append(num_samples - segment_samples)
+    return starts
+
+
+def evaluation_dataset(corpus: DecodedCorpus, indices: Sequence[int], *, segment_samples: int,
+                       hop_samples: int, batch_size: int,
+                       pad_mode: str = "loop") -> tuple[tf.data.Dataset, int]:
+    """All fixed-length windows of every utterance of a split.
+
+    Args:
+      corpus: the decoded corpus.
+      indices: utterance indices of the split; output positions follow this order.
+      segment_samples: window length.
+      hop_samples: hop between windows.
+      batch_size: windows per batch.
+      pad_mode: how utterances shorter than a window are extended.
+
+    Returns:
+      ``(dataset, num_windows)``: the dataset yields ``(positions [B], windows [B, S])``,
+      ``positions`` being each window's utterance position in ``indices``.
+    """
+    indices = np.asarray(indices, np.int64)
+    if indices.size == 0:
+        raise ValueError("empty evaluation split")
+    if hop_samples < 1:
+        raise ValueError("hop_samples must be positive")
+    position = np.full(len(corpus), -1, np.int32)
+    position[indices] = np.arange(indices.size)
+    starts = [window_starts(int(corpus.lengths[i]), segment_samples, hop_samples)
+              for i in indices]
+    # Per-utterance window starts, padded into a matrix, looked up in-graph by position.
+    width = max(len(s) for s in starts)
+    start_mat = np.full((indices.size, width), -1, np.int32)
+    for row, s in enumerate(starts):
+        start_mat[row, :len(s)] = s
+    position_t, starts_t = tf.constant(position), tf.constant(start_mat)
+
+    def windows(i, wave):
+        pos = tf.gather(position_t, i)
+        st = tf.gather(starts_t, pos)
+        st = tf.boolean_mask(st, st >= 0)
+        extended = _extend(wave, segment_samples, pad_mode)
+        idx = st[:, None] + tf.range(segment_samples)[None, :]
+        wins = tf.gather(extended, idx)
+        return tf.data.Dataset.from_tensor_slices((tf.fill([tf.size(st)], pos), wins))
+
+    ds = _select(corpus, indices).flat_map(windows)
+    total = int(sum(len(s) for s in starts))
+    return ds.batch(batch_size).prefetch(AUTOTUNE), total
+
+
+def _extend(wave: tf.Tensor, length: int, pad_mode: str) -> tf.Tensor:
+    """Extends a waveform shorter than ``length`` (loop or zero); longer ones are unchanged."""
+    n = tf.shape(wave)[0]
+    if pad_mode == "loop":
+        return tf.tile(wave, [tf.maximum(1, (length + n - 1) // n)])
+    if pad_mode == "zero":
+        return tf.pad(wave, [[0, tf.maximum(0, length - n)]])
+    raise ValueError(f"pad_mode must be loop or zero, got {pad_mode!r}")
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    """Batches needed for ``n`` examples."""
+    return math.ceil(n / batch_size)

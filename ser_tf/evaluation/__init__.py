@@ -1,0 +1,1 @@
+"""Evaluation: metrics (accuracy, UAR, per-class, per-group), prediction, reports and plots."""

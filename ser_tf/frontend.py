@@ -1,0 +1,300 @@
+"""Feature frontend: waveform -> (log-mel | MFCC) [+ deltas] as serializable Keras layers.
+
+The frontend lives inside the model (DESIGN.md, convention 3): one graph serves training,
+waveform-domain attacks (gradients flow from the logits back to the samples) and export.
+Every layer here is built from ``tf.signal`` ops, which are differentiable and map onto
+TFLite built-in ops.
+
+Shapes: waveforms are ``[batch, samples]`` float32; features are
+``[batch, frames, bins, channels]`` where channels is 1, or 3 with deltas (static, delta,
+delta-delta), so 2-D conv classifiers take them as images.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+_PACKAGE = "ser_tf"
+
+
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """HTK mel scale (the one ``tf.signal.linear_to_mel_weight_matrix`` uses)."""
+    return 1127.0 * np.log1p(np.asarray(hz, dtype=np.float64) / 700.0)
+
+
+def mel_filterbank(n_mels: int, fft_length: int, sample_rate: int, fmin: float,
+                   fmax: float) -> np.ndarray:
+    """Triangular mel filterbank, ``[fft_length // 2 + 1, n_mels]`` float32.
+
+    Matches ``tf.signal.linear_to_mel_weight_matrix`` (HTK mel, the DC bin excluded) but is
+    computed once in NumPy, so the layer holds a constant instead of rebuilding it per call.
+
+    Args:
+      n_mels: number of mel bands.
+      fft_length: FFT size; the spectrum has ``fft_length // 2 + 1`` bins.
+      sample_rate: sample rate in Hz.
+      fmin: lower edge of the first band in Hz.
+      fmax: upper edge of the last band in Hz (at most ``sample_rate / 2``).
+
+    Returns:
+      The weight matrix.
+    """
+    n_bins = fft_length // 2 + 1
+    freqs = np.linspace(0.0, sample_rate / 2.0, n_bins)[1:]
+    mel = _hz_to_mel(freqs)
+    edges = np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2)
+    lower, center, upper = edges[:-2], edges[1:-1], edges[2:]
+    up = (mel[:, None] - lower[None, :]) / (center - lower)[None, :]
+    down = (upper[None, :] - mel[:, None]) / (upper - center)[None, :]
+    weights = np.maximum(0.0, np.minimum(up, down))
+    return np.pad(weights, [[1, 0], [0, 0]]).astype(np.float32)
+
+
+def dct_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """Orthonormal DCT-II matrix ``[n_in, n_out]`` (what ``tf.signal.mfccs_from_log_mel_...``
+    computes), as a constant so MFCCs are one matmul (a TFLite built-in)."""
+    k = np.arange(n_out)[None, :]
+    n = np.arange(n_in)[:, None]
+    mat = np.cos(np.pi / n_in * (n + 0.5) * k) * math.sqrt(2.0 / n_in)
+    mat[:, 0] *= 1.0 / math.sqrt(2.0)
+    return mat.astype(np.float32)
+
+
+def deltas(features: tf.Tensor, width: int = 2) -> tf.Tensor:
+    """Regression deltas along the time axis (axis 1), edges replicated.
+
+    ``d[t] = sum_{n=1..N} n (c[t+n] - c[t-n]) / (2 sum n^2)``, the HTK formula.
+
+    Args:
+      features: ``[batch, frames, bins]``.
+      width: N, frames each side.
+
+    Returns:
+      Tensor of the same shape.
+    """
+    padded = tf.concat([tf.repeat(features[:, :1], width, axis=1), features,
+                        tf.repeat(features[:, -1:], width, axis=1)], axis=1)
+    frames = tf.shape(features)[1]
+    denom = 2.0 * sum(n * n for n in range(1, width + 1))
+    out = tf.zeros_like(features)
+    for n in range(1, width + 1):
+        ahead = padded[:, width + n:width + n + frames]
+        behind = padded[:, width - n:width - n + frames]
+        out += float(n) * (ahead - behind)
+    return out / denom
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class LogMelFrontend(keras.layers.Layer):
+    """Waveform ``[batch, samples]`` -> log-mel or MFCC features ``[batch, frames, bins, C]``.
+
+    STFT with a periodic Hann window (``tf.signal.stft``, frames not centred: frame ``t``
+    covers samples ``[t * hop, t * hop + win)``), power spectrum, mel filterbank, natural log
+    with an additive floor, optionally a DCT to MFCCs, optionally delta and delta-delta as
+    extra channels. Clips shorter than one frame are zero-padded to one frame.
+
+    Args:
+      sample_rate: input sample rate in Hz.
+      frame_ms: analysis window length in milliseconds.
+      hop_ms: hop between frames in milliseconds.
+      n_mels: number of mel bands.
+      fmin: lowest mel edge in Hz.
+      fmax: highest mel edge in Hz (None: Nyquist).
+      n_mfcc: 0 for log-mel features, else the number of MFCCs to keep.
+      use_deltas: append delta and delta-delta channels.
+      log_floor: added to the mel power before the log; bounds the gradient near silence.
+    """
+
+    def __init__(self, sample_rate: int = 16000, frame_ms: float = 25.0, hop_ms: float = 10.0,
+                 n_mels: int = 64, fmin: float = 20.0, fmax: float | None = None,
+                 n_mfcc: int = 0, use_deltas: bool = False, log_floor: float = 1e-6,
+                 **kwargs):
+        super().__init__(**kwargs)
+        fmax = float(fmax) if fmax else sample_rate / 2.0
+        if not 0 <= fmin < fmax <= sample_rate / 2.0:
+            raise ValueError(f"need 0 <= fmin < fmax <= sample_rate/2, got fmin={fmin}, "
+                             f"fmax={fmax}, sample_rate={sample_rate}")
+        if n_mfcc < 0 or n_mfcc > n_mels:
+            raise ValueError(f"n_mfcc must be in [0, n_mels={n_mels}], got {n_mfcc}")
+        self.sample_rate = int(sample_rate)
+        self.frame_ms = float(frame_ms)
+        self.hop_ms = float(hop_ms)
+        self.n_mels = int(n_mels)
+        self.fmin = float(fmin)
+        self.fmax = fmax
+        self.n_mfcc = int(n_mfcc)
+        self.use_deltas = bool(use_deltas)
+        self.log_floor = float(log_floor)
+        self.frame_length = int(round(self.sample_rate * self.frame_ms / 1000.0))
+        self.frame_step = int(round(self.sample_rate * self.hop_ms / 1000.0))
+        if self.frame_length < 2 or self.frame_step < 1:
+            raise ValueError("frame_ms and hop_ms are too short for this sample rate")
+        self.fft_length = 1 << (self.frame_length - 1).bit_length()
+        self._mel = tf.constant(mel_filterbank(self.n_mels, self.fft_length, self.sample_rate,
+                                               self.fmin, self.fmax))
+        self._dct = tf.constant(dct_matrix(self.n_mels, self.n_mfcc)) if self.n_mfcc else None
+
+    @property
+    def bins(self) -> int:
+        """Feature bins per frame (mel bands or MFCCs)."""
+        return self.n_mfcc or self.n_mels
+
+    @property
+    def channels(self) -> int:
+        """Feature channels: 1, or 3 with deltas."""
+        return 3 if self.use_deltas else 1
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames produced for a clip of ``num_samples`` samples."""
+        return 1 + max(0, num_samples - self.frame_length) // self.frame_step
+
+    def call(self, waveform: tf.Tensor) -> tf.Tensor:
+        waveform = tf.convert_to_tensor(waveform, tf.float32)
+        short = tf.maximum(0, self.frame_length - tf.shape(waveform)[-1])
+        waveform = tf.pad(waveform, [[0, 0], [0, short]])
+        spec = tf.signal.stft(waveform, self.frame_length, self.frame_step, self.fft_length,
+                              window_fn=tf.signal.hann_window, pad_end=False)
+        power = tf.math.real(spec) ** 2 + tf.math.imag(spec) ** 2
+        feats = tf.math.log(tf.matmul(power, self._mel) + self.log_floor)
+        if self._dct is not None:
+            feats = tf.matmul(feats, self._dct)
+        if self.use_deltas:
+            d1 = deltas(feats)
+            return tf.stack([feats, d1, deltas(d1)], axis=-1)
+        return feats[..., None]
+
+    def compute_output_shape(self, input_shape):
+        n = input_shape[-1]
+        frames = None if n is None else self.num_frames(n)
+        return (input_shape[0], frames, self.bins, self.channels)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(sample_rate=self.sample_rate, frame_ms=self.frame_ms, hop_ms=self.hop_ms,
+                      n_mels=self.n_mels, fmin=self.fmin, fmax=self.fmax, n_mfcc=self.n_mfcc,
+                      use_deltas=self.use_deltas, log_floor=self.log_floor)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class FeatureNormalization(keras.layers.Layer):
+    """Standardise features per (bin, channel) with statistics learned from training data.
+
+    The statistics are non-trainable weights, so they are saved in the model and travel to
+    every export. :meth:`adapt` computes them from a dataset of feature batches in one
+    streaming pass (float64 sums), touching only the data it is given: pass the training
+    split only (nothing learned from the test speakers).
+
+    With ``per_utterance=True`` each utterance's own mean over time is subtracted first
+    (cepstral mean normalisation, computed from that utterance alone, so still strictly
+    speaker-independent); the global statistics then describe the mean-removed features.
+
+    Args:
+      per_utterance: subtract each utterance's time-mean before global standardisation.
+      epsilon: variance floor.
+    """
+
+    def __init__(self, per_utterance: bool = False, epsilon: float = 1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.per_utterance = bool(per_utterance)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        shape = tuple(input_shape[2:])
+        if any(d is None for d in shape):
+            raise ValueError(f"bins and channels must be known, got input shape {input_shape}")
+        self.mean = self.add_weight(name="mean", shape=shape, initializer="zeros",
+                                    trainable=False)
+        self.variance = self.add_weight(name="variance", shape=shape, initializer="ones",
+                                        trainable=False)
+        super().build(input_shape)
+
+    def _center(self, features: tf.Tensor) -> tf.Tensor:
+        if self.per_utterance:
+            features = features - tf.reduce_mean(features, axis=1, keepdims=True)
+        return features
+
+    def adapt(self, feature_batches) -> None:
+        """Learn mean and variance from an iterable of ``[batch, frames, bins, C]`` tensors."""
+        total, total_sq, count = None, None, 0
+        for batch in feature_batches:
+            batch = self._center(tf.convert_to_tensor(batch, tf.float32))
+            if not self.built:
+                self.build(batch.shape)
+            flat = tf.cast(tf.reshape(batch, [-1] + list(batch.shape[2:])), tf.float64)
+            s, s2 = tf.reduce_sum(flat, 0).numpy(), tf.reduce_sum(flat ** 2, 0).numpy()
+            total = s if total is None else total + s
+            total_sq = s2 if total_sq is None else total_sq + s2
+            count += int(flat.shape[0])
+        if not count:
+            raise ValueError("FeatureNormalization.adapt got no data")
+        mean = total / count
+        self.mean.assign(mean.astype(np.float32))
+        self.variance.assign(np.maximum(total_sq / count - mean ** 2, 0.0).astype(np.float32))
+
+    def call(self, features: tf.Tensor) -> tf.Tensor:
+        features = self._center(features)
+        return (features - self.mean) * tf.math.rsqrt(self.variance + self.epsilon)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(per_utterance=self.per_utterance, epsilon=self.epsilon)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SpecAugment(keras.layers.Layer):
+    """SpecAugment-style frequency and time masking, active only with ``training=True``.
+
+    Masks are set to zero, the mean of standardised features, so apply this after
+    :class:`FeatureNormalization`. Each example gets its own random masks.
+
+    Args:
+      freq_masks: number of frequency masks per example.
+      freq_width: maximum width of a frequency mask, in bins.
+      time_masks: number of time masks per example.
+      time_width: maximum width of a time mask, in frames.
+    """
+
+    def __init__(self, freq_masks: int = 2, freq_width: int = 8, time_masks: int = 2,
+                 time_width: int = 20, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.freq_masks = int(freq_masks)
+        self.freq_width = int(freq_width)
+        self.time_masks = int(time_masks)
+        self.time_width = int(time_width)
+        self.seed = seed
+        self._rng = keras.random.SeedGenerator(seed)
+
+    def _mask(self, shape: tf.Tensor, axis_len: tf.Tensor, count: int, width: int,
+              axis: int) -> tf.Tensor:
+        """A ``[batch, 1 or len, 1 or len, 1]`` keep-mask with ``count`` bands per example."""
+        batch = shape[0]
+        keep = tf.ones([batch, axis_len], tf.float32)
+        pos = tf.range(axis_len)[None, :]
+        for _ in range(count):
+            w = tf.cast(keras.random.uniform([batch, 1], 0, width + 1, seed=self._rng), tf.int32)
+            start_max = tf.cast(tf.maximum(axis_len - w, 1), tf.float32)
+            start = tf.cast(keras.random.uniform([batch, 1], seed=self._rng) * start_max,
+                            tf.int32)
+            band = tf.logical_and(pos >= start, pos < start + w)
+            keep *= 1.0 - tf.cast(band, tf.float32)
+        return keep[:, :, None, None] if axis == 1 else keep[:, None, :, None]
+
+    def call(self, features: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        if not training or (self.freq_masks == 0 and self.time_masks == 0):
+            return features
+        shape = tf.shape(features)
+        mask = self._mask(shape, shape[1], self.time_masks, self.time_width, axis=1)
+        mask = mask * self._mask(shape, shape[2], self.freq_masks, self.freq_width, axis=2)
+        return features * mask
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(freq_masks=self.freq_masks, freq_width=self.freq_width,
+                      time_masks=self.time_masks, time_width=self.time_width, seed=self.seed)
+        return config

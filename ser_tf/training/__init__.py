@@ -1,0 +1,1 @@
+"""Training: speaker-independent protocols and trainers."""

@@ -1,0 +1,173 @@
+"""An experiment: corpus -> decoded audio -> protocol folds -> a trainer per fold -> metrics.
+
+:func:`run_experiment` is what ``ser-train`` calls. It lists the corpus (generating the
+synthetic one when asked), selects classes, decodes all audio once, builds the
+speaker-independent folds and trains each fold in its own workdir (``W`` itself for a
+single split, ``W/fold_XX`` for cross-validation). Folds already finished are read back,
+so re-running the same command resumes. The top-level ``metrics.json`` holds the test
+metrics (a single split) or the mean and std over folds plus metrics pooled over all
+folds' predictions.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import os
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ser_tf.data import corpora
+from ser_tf.data.audio import AudioConfig
+from ser_tf.data.pipeline import decode_corpus
+from ser_tf.evaluation.metrics import evaluate_predictions, summarize_folds
+from ser_tf.models import ModelConfig
+from ser_tf.training.protocols import Fold, make_folds
+from ser_tf.training.standard import TrainConfig, _write_json, train_fold
+
+log = logging.getLogger(__name__)
+
+Trainer = Callable[..., dict]
+TRAINERS: dict[str, Trainer] = {"standard": train_fold}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything ``ser-train`` needs (the app builds it from flags).
+
+    Attributes:
+      workdir: output folder.
+      corpus: corpus name (see :data:`ser_tf.data.corpora.CORPORA`).
+      data_dir: the corpus's folder ("" for synthetic: generated under ``workdir/data``).
+      classes: class spec for :func:`ser_tf.data.corpora.resolve_classes`.
+      merge: merge spec for :func:`ser_tf.data.corpora.parse_merge`.
+      protocol: ``loso``, ``speakers`` or ``kfold``.
+      test_speakers: held-out speakers for ``speakers``.
+      folds: number of folds for ``kfold``.
+      val_speakers: validation speakers per fold.
+      only_folds: train only these fold names (empty: all).
+      trainer: trainer name (see :data:`TRAINERS`).
+      on_bad_audio: ``skip`` or ``fail``.
+      audio: audio conditioning.
+      model: model configuration.
+      train: training configuration.
+      synthetic_speakers: speakers of the generated synthetic corpus.
+      synthetic_per_class: utterances per speaker and emotion of the synthetic corpus.
+      verbose: 0 silent, 1 progress bars, 2 a line per epoch.
+    """
+
+    workdir: str
+    corpus: str = "synthetic"
+    data_dir: str = ""
+    classes: str = ""
+    merge: str = ""
+    protocol: str = "speakers"
+    test_speakers: Sequence[str] = ()
+    folds: int = 5
+    val_speakers: int = 2
+    only_folds: Sequence[str] = ()
+    trainer: str = "standard"
+    on_bad_audio: str = "skip"
+    audio: AudioConfig = AudioConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    synthetic_speakers: int = 6
+    synthetic_per_class: int = 6
+    verbose: int = 2
+
+
+def list_utterances(cfg: ExperimentConfig) -> list[corpora.Utterance]:
+    """The corpus's utterances after class selection (generating synthetic data if needed)."""
+    if cfg.corpus == "synthetic":
+        from ser_tf.data.synthetic import generate_corpus
+
+        data_dir = cfg.data_dir or os.path.join(cfg.workdir, "data")
+        utterances = generate_corpus(data_dir, n_speakers=cfg.synthetic_speakers,
+                                     utterances_per_speaker=cfg.synthetic_per_class,
+                                     sample_rate=cfg.audio.sample_rate, seed=cfg.train.seed)
+    else:
+        if not cfg.data_dir:
+            raise ValueError(f"--data_dir is required for corpus {cfg.corpus!r}")
+        utterances = corpora.load_corpus(cfg.corpus, cfg.data_dir)
+    classes = corpora.resolve_classes(cfg.classes or None, utterances)
+    return corpora.select_classes(utterances, classes, corpora.parse_merge(cfg.merge) or None)
+
+
+def _fold_dir(workdir: str, fold: Fold, n_folds: int) -> str:
+    return workdir if n_folds == 1 else os.path.join(workdir, fold.name)
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict:
+    """Runs (or resumes) an experiment and returns its top-level metrics.
+
+    Raises:
+      ValueError: unknown trainer, bad protocol arguments, or unusable data.
+      ser_tf.data.pipeline.BadAudioError: bad audio with ``on_bad_audio="fail"``.
+    """
+    if cfg.trainer not in TRAINERS:
+        raise ValueError(f"unknown trainer {cfg.trainer!r}; available: {sorted(TRAINERS)}")
+    if cfg.model.sample_rate != cfg.audio.sample_rate:
+        raise ValueError("model and audio sample rates differ")
+    os.makedirs(cfg.workdir, exist_ok=True)
+    start = time.time()
+    utterances = list_utterances(cfg)
+    classes = corpora.resolve_classes(cfg.classes or None, utterances)
+    log.info("corpus %s: %s", cfg.corpus, corpora.summarize(utterances))
+    decoded = decode_corpus(utterances, cfg.audio, on_bad_audio=cfg.on_bad_audio,
+                            progress=cfg.verbose == 1)
+    utterances = decoded.utterances
+    index = {c: k for k, c in enumerate(classes)}
+    labels = np.array([index[u.emotion] for u in utterances], np.int32)
+    folds = make_folds(utterances, cfg.protocol, test_speakers=cfg.test_speakers,
+                       folds=cfg.folds, val_speakers=cfg.val_speakers)
+    if cfg.only_folds:
+        unknown = sorted(set(cfg.only_folds) - {f.name for f in folds})
+        if unknown:
+            raise ValueError(f"unknown folds {unknown}; this protocol has "
+                             f"{[f.name for f in folds]}")
+        folds = [f for f in folds if f.name in set(cfg.only_folds)]
+
+    trainer = TRAINERS[cfg.trainer]
+    fold_metrics, pooled_idx, pooled_pred = [], [], []
+    for k, fold in enumerate(folds):
+        workdir = _fold_dir(cfg.workdir, fold, len(folds))
+        log.info("fold %d/%d (%s): test speakers %s, validation speakers %s, %d/%d/%d "
+                 "utterances", k + 1, len(folds), fold.name, ",".join(fold.test_speakers),
+                 ",".join(fold.val_speakers), len(fold.train), len(fold.val), len(fold.test))
+        metrics = trainer(decoded, labels, classes, fold, cfg.model, cfg.train, workdir,
+                          verbose=cfg.verbose)
+        fold_metrics.append(metrics)
+        with open(os.path.join(workdir, "predictions.csv")) as f:
+            pooled_pred += [index[r["predicted"]] for r in csv.DictReader(f)]
+        pooled_idx += list(fold.test)
+        log.info("fold %s: test UAR %.3f, accuracy %.3f", fold.name, metrics["uar"],
+                 metrics["accuracy"])
+
+    context = {
+        "corpus": cfg.corpus,
+        "synthetic": cfg.corpus == "synthetic",
+        "protocol": cfg.protocol,
+        "trainer": cfg.trainer,
+        "model": cfg.model.name,
+        "classes": list(classes),
+        "n_utterances": len(utterances),
+        "speaker_normalization": "none (strict: nothing learned from test speakers)",
+        "bad_audio": {"count": len(decoded.bad),
+                      "files": [{"path": b.path, "reason": b.reason} for b in decoded.bad]},
+    }
+    if len(folds) == 1:
+        result = dict(fold_metrics[0])
+    else:
+        pooled = evaluate_predictions(labels[pooled_idx], np.array(pooled_pred), classes,
+                                      [utterances[i] for i in pooled_idx])
+        result = summarize_folds(fold_metrics, pooled)
+        # The schema's top-level per-class and per-group figures are the pooled ones.
+        for key in ("per_class_recall", "confusion_matrix", "labels", "n", "by_group"):
+            result[key] = pooled[key]
+    result.update(context)
+    result["wall_seconds"] = round(time.time() - start, 1)
+    _write_json(os.path.join(cfg.workdir, "metrics.json"), result)
+    return result

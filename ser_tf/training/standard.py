@@ -1,0 +1,332 @@
+"""The standard trainer: one fold, resumable, monitored, evaluated at utterance level.
+
+:func:`train_fold` trains a :class:`~ser_tf.models.SERModel` on one speaker-independent
+fold and writes its workdir:
+
+* ``checkpoints/``: model, optimizer and epoch after every epoch (``tf.train.Checkpoint``,
+  written atomically), plus ``state.json`` with the early-stopping state and history, so a
+  run killed at any point (even ``kill -9`` mid-epoch) resumes from the last finished epoch
+  with nothing lost; ``best.weights.h5`` holds the best validation epoch.
+* ``tb/``: TensorBoard logs: training loss/accuracy, validation UAR/accuracy per epoch,
+  learning rate, confusion matrices, hparams, example spectrograms and audio.
+* ``model.keras`` (the selected model), ``metrics.json`` (test metrics, schema in
+  DESIGN.md) and ``confusion_matrix.png``. A fold whose ``metrics.json`` exists is done
+  and is not trained again.
+
+Model selection uses only the validation speakers (utterance-level UAR over all windows);
+normalisation statistics come from the training speakers only.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hp
+
+from ser_tf.data.pipeline import (AugmentConfig, DecodedCorpus, evaluation_dataset,
+                                  training_dataset)
+from ser_tf.evaluation.metrics import evaluate_predictions
+from ser_tf.evaluation.predict import predict_utterances
+from ser_tf.evaluation.report import confusion_matrix_png, png_to_tensor, spectrograms_png
+from ser_tf.models import ModelConfig, SERModel, build_model
+from ser_tf.training.protocols import Fold
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train (filled from flags by the app).
+
+    Attributes:
+      epochs: maximum number of epochs.
+      batch_size: batch size.
+      learning_rate: peak learning rate (AdamW), reached after warm-up, then cosine decay.
+      weight_decay: AdamW decoupled weight decay.
+      warmup_epochs: linear warm-up length in epochs.
+      patience: stop after this many epochs without a better validation UAR (0: never).
+      class_weighting: weight the loss by inverse class frequency (balanced).
+      seed: seed for weights, shuffling, crops and augmentation.
+      eval_hop_s: hop between evaluation windows in seconds.
+      pad_mode: ``loop`` or ``zero`` for clips shorter than a window.
+      augment: waveform augmentation for training crops.
+      deterministic: enable TF op determinism (same seed, same numbers).
+    """
+
+    epochs: int = 40
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    patience: int = 10
+    class_weighting: bool = True
+    seed: int = 0
+    eval_hop_s: float = 1.0
+    pad_mode: str = "loop"
+    augment: AugmentConfig = AugmentConfig()
+    deterministic: bool = True
+
+
+def _write_json(path: str, obj: dict) -> None:
+    """Writes JSON atomically (temp file + rename): a kill never leaves half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def write_predictions(path: str, utterances: Sequence, y_true: np.ndarray, logits: np.ndarray,
+                      classes: Sequence[str]) -> None:
+    """Per-utterance predictions and logits as CSV (pooled over folds by the experiment)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "speaker", "gender", "language", "true", "predicted"]
+                        + [f"logit_{c}" for c in classes])
+        for u, t, lg in zip(utterances, y_true, logits):
+            writer.writerow([u.path, u.speaker, u.gender, u.language, classes[t],
+                             classes[int(np.argmax(lg))]] + [f"{v:.5f}" for v in lg])
+
+
+def _class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+    return weights.astype(np.float32)
+
+
+class _EpochState(keras.callbacks.Callback):
+    """Validation, early stopping, TensorBoard summaries and checkpoints after each epoch."""
+
+    def __init__(self, trainer: "_FoldTrainer"):
+        super().__init__()
+        self.t = trainer
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.t.end_epoch(epoch, logs or {})
+        if self.t.should_stop():
+            self.model.stop_training = True
+
+
+class _FoldTrainer:
+    """State and steps of one fold's training (see :func:`train_fold`)."""
+
+    def __init__(self, corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str],
+                 fold: Fold, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str,
+                 verbose: int):
+        self.corpus, self.labels, self.classes = corpus, labels, list(classes)
+        self.fold, self.model_cfg, self.cfg, self.workdir = fold, model_cfg, cfg, workdir
+        self.verbose = verbose
+        self.ckpt_dir = os.path.join(workdir, "checkpoints")
+        self.state_path = os.path.join(self.ckpt_dir, "state.json")
+        self.best_path = os.path.join(self.ckpt_dir, "best.weights.h5")
+        self.rate = corpus.config.sample_rate
+        self.segment = int(round(model_cfg.segment_s * self.rate))
+        self.hop = max(1, int(round(cfg.eval_hop_s * self.rate)))
+        self.state = {"epoch": 0, "best_uar": -1.0, "best_epoch": -1, "wait": 0,
+                      "history": [], "train_seconds": 0.0}
+        self.val_writer = tf.summary.create_file_writer(os.path.join(workdir, "tb", "val"))
+        self._epoch_start = time.time()
+
+    # -- setup -------------------------------------------------------------------------------
+    def build(self) -> None:
+        keras.utils.set_random_seed(self.cfg.seed)
+        self.model: SERModel = build_model(self.model_cfg, self.classes, seed=self.cfg.seed)
+        self.forward = tf.function(lambda x: self.model(x, training=False),
+                                   reduce_retracing=True)
+        steps = max(1, -(-len(self.fold.train) // self.cfg.batch_size))
+        total = steps * self.cfg.epochs
+        warmup = int(min(total - 1, self.cfg.warmup_epochs * steps))
+        schedule = keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else self.cfg.learning_rate, decay_steps=max(1, total - warmup),
+            alpha=0.01, warmup_target=self.cfg.learning_rate if warmup else None,
+            warmup_steps=warmup)
+        self.model.compile(
+            optimizer=keras.optimizers.AdamW(schedule, weight_decay=self.cfg.weight_decay),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        self.model.optimizer.build(self.model.trainable_variables)
+        self.epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer,
+                                              epoch=self.epoch_var)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.ckpt_dir, max_to_keep=2)
+        os.makedirs(self.ckpt_dir, exist_ok=True)
+
+    def restore(self) -> bool:
+        """Resumes from the last finished epoch if a checkpoint exists."""
+        if self.manager.latest_checkpoint is None or not os.path.exists(self.state_path):
+            return False
+        self.checkpoint.read(self.manager.latest_checkpoint).assert_existing_objects_matched()
+        with open(self.state_path) as f:
+            state = json.load(f)
+        # The state file is written after the checkpoint; trust the checkpoint's epoch.
+        state["history"] = state["history"][:int(self.epoch_var.numpy())]
+        state["epoch"] = int(self.epoch_var.numpy())
+        self.state = state
+        log.info("resuming %s at epoch %d (best val UAR %.3f at epoch %d)", self.workdir,
+                 state["epoch"], state["best_uar"], state["best_epoch"] + 1)
+        return True
+
+    def adapt_normalizer(self) -> None:
+        """Feature statistics from every window of the training speakers only."""
+        ds, _ = evaluation_dataset(self.corpus, self.fold.train, segment_samples=self.segment,
+                                   hop_samples=self.hop, batch_size=64,
+                                   pad_mode=self.cfg.pad_mode)
+        frontend = tf.function(self.model.frontend)
+        self.model.normalizer.adapt(frontend(w) for _, w in ds)
+
+    def train_dataset(self) -> tf.data.Dataset:
+        ds = training_dataset(self.corpus, self.fold.train, self.labels,
+                              segment_samples=self.segment, batch_size=self.cfg.batch_size,
+                              seed=self.cfg.seed, augment=self.cfg.augment,
+                              pad_mode=self.cfg.pad_mode)
+        if not self.cfg.class_weighting:
+            return ds
+        weights = tf.constant(_class_weights(self.labels[self.fold.train], len(self.classes)))
+        return ds.map(lambda x, y: (x, y, tf.gather(weights, y)))
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def predict(self, indices: Sequence[int], desc: str) -> np.ndarray:
+        ds, n_win = evaluation_dataset(self.corpus, indices, segment_samples=self.segment,
+                                       hop_samples=self.hop, batch_size=64,
+                                       pad_mode=self.cfg.pad_mode)
+        return predict_utterances(self.forward, ds, len(indices), n_win,
+                                  progress=self.verbose == 1, desc=desc)
+
+    def evaluate(self, indices: Sequence[int], desc: str) -> tuple[dict, np.ndarray]:
+        logits = self.predict(indices, desc)
+        metrics = evaluate_predictions(self.labels[indices], logits.argmax(-1), self.classes,
+                                       [self.corpus.utterances[i] for i in indices])
+        return metrics, logits
+
+    # -- per-epoch -------------------------------------------------------------------------
+    def end_epoch(self, epoch: int, logs: dict) -> None:
+        val, _ = self.evaluate(self.fold.val, "validating") if self.fold.val else ({}, None)
+        uar = val.get("uar", float(logs.get("accuracy", 0.0)))
+        self.state["train_seconds"] += time.time() - self._epoch_start
+        lr = float(keras.ops.convert_to_numpy(
+            self.model.optimizer.learning_rate)) if hasattr(self.model, "optimizer") else 0.0
+        entry = {"epoch": epoch + 1, "loss": float(logs.get("loss", np.nan)),
+                 "accuracy": float(logs.get("accuracy", np.nan)), "val_uar": uar,
+                 "val_accuracy": val.get("accuracy"), "learning_rate": lr}
+        self.state["history"].append(entry)
+        with self.val_writer.as_default(step=epoch + 1):
+            tf.summary.scalar("epoch_uar", uar)
+            if val:
+                tf.summary.scalar("epoch_accuracy", val["accuracy"])
+                tf.summary.image("confusion_matrix", png_to_tensor(confusion_matrix_png(
+                    val["confusion_matrix"], self.classes, f"validation, epoch {epoch + 1}")))
+            tf.summary.scalar("learning_rate", lr)
+        if uar > self.state["best_uar"]:
+            self.state.update(best_uar=uar, best_epoch=epoch, wait=0)
+            self.model.save_weights(self.best_path)
+        else:
+            self.state["wait"] += 1
+        self.state["epoch"] = epoch + 1
+        self.epoch_var.assign(epoch + 1)
+        # Checkpoint first, then the state that refers to it (restore trusts the checkpoint).
+        self.manager.save(checkpoint_number=epoch + 1)
+        _write_json(self.state_path, self.state)
+        if self.verbose:
+            log.info("%s epoch %d: loss %.4f, train acc %.3f, val UAR %.3f%s",
+                     self.fold.name, epoch + 1, entry["loss"], entry["accuracy"], uar,
+                     " (best)" if self.state["wait"] == 0 else "")
+        self._epoch_start = time.time()
+
+    def should_stop(self) -> bool:
+        return bool(self.cfg.patience) and self.state["wait"] >= self.cfg.patience
+
+    # -- summaries -----------------------------------------------------------------------------
+    def write_examples(self) -> None:
+        """Hparams, plus a few training crops as audio and spectrograms, for TensorBoard."""
+        writer = tf.summary.create_file_writer(os.path.join(self.workdir, "tb", "examples"))
+        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                   for k, v in {**dataclasses.asdict(self.model_cfg),
+                                **dataclasses.asdict(self.cfg)}.items()}
+        waves, labels = next(iter(training_dataset(
+            self.corpus, self.fold.train, self.labels, segment_samples=self.segment,
+            batch_size=8, seed=self.cfg.seed, pad_mode=self.cfg.pad_mode)))
+        feats = self.model.frontend(waves)[..., 0].numpy()
+        titles = [self.classes[int(y)] for y in labels]
+        with writer.as_default(step=0):
+            hp.hparams(hparams, trial_id=os.path.basename(os.path.abspath(self.workdir)))
+            tf.summary.audio("training_crops", waves[..., None], self.rate, max_outputs=4)
+            tf.summary.image("log_mel", png_to_tensor(spectrograms_png(feats, titles)))
+            tf.summary.text("labels", ", ".join(titles))
+        writer.flush()
+
+
+def train_fold(corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str], fold: Fold,
+               model_cfg: ModelConfig, cfg: TrainConfig, workdir: str,
+               verbose: int = 2) -> dict:
+    """Trains, selects and evaluates one fold; resumes an interrupted run.
+
+    Args:
+      corpus: the decoded corpus.
+      labels: class index per utterance of ``corpus``.
+      classes: class names.
+      fold: the split.
+      model_cfg: the model to build.
+      cfg: how to train.
+      workdir: where this fold's outputs go.
+      verbose: 0 silent, 1 progress bars, 2 one line per epoch.
+
+    Returns:
+      The test metrics (also written to ``workdir/metrics.json``).
+    """
+    metrics_path = os.path.join(workdir, "metrics.json")
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            log.info("%s is already trained; delete its metrics.json to train again", workdir)
+            return json.load(f)
+    os.makedirs(workdir, exist_ok=True)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.backend.clear_session()
+    labels = np.asarray(labels, np.int32)
+    trainer = _FoldTrainer(corpus, labels, classes, fold, model_cfg, cfg, workdir, verbose)
+    trainer.build()
+    if not trainer.restore():
+        trainer.adapt_normalizer()
+        trainer.write_examples()
+    start = trainer.state["epoch"]
+    if start < cfg.epochs and not trainer.should_stop():
+        callbacks = [
+            keras.callbacks.TensorBoard(os.path.join(workdir, "tb"), write_graph=False,
+                                        profile_batch=0),
+            _EpochState(trainer),
+        ]
+        trainer.model.fit(trainer.train_dataset(), epochs=cfg.epochs, initial_epoch=start,
+                          callbacks=callbacks, verbose=verbose, shuffle=False)
+    if os.path.exists(trainer.best_path):
+        trainer.model.load_weights(trainer.best_path)
+
+    test, logits = trainer.evaluate(fold.test, "testing")
+    write_predictions(os.path.join(workdir, "predictions.csv"),
+                      [corpus.utterances[i] for i in fold.test], labels[fold.test], logits,
+                      classes)
+    test.update(fold=fold.name, test_speakers=list(fold.test_speakers),
+                val_speakers=list(fold.val_speakers), n_train=len(fold.train),
+                n_val=len(fold.val), best_epoch=trainer.state["best_epoch"] + 1,
+                epochs_run=trainer.state["epoch"], best_val_uar=trainer.state["best_uar"],
+                train_seconds=round(trainer.state["train_seconds"], 1),
+                history=trainer.state["history"])
+    png = confusion_matrix_png(test["confusion_matrix"], classes, f"test, {fold.name}")
+    with open(os.path.join(workdir, "confusion_matrix.png"), "wb") as f:
+        f.write(png)
+    writer = tf.summary.create_file_writer(os.path.join(workdir, "tb", "test"))
+    with writer.as_default(step=trainer.state["epoch"]):
+        tf.summary.scalar("uar", test["uar"])
+        tf.summary.scalar("accuracy", test["accuracy"])
+        tf.summary.image("confusion_matrix", png_to_tensor(png))
+    writer.flush()
+    trainer.model.save(os.path.join(workdir, "model.keras"))
+    _write_json(metrics_path, test)
+    return test

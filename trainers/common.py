@@ -1,0 +1,41 @@
+"""Helpers shared by the absl apps: logging setup and the resolved-flags record."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from absl import flags
+from absl import logging as absl_logging
+
+
+def setup_logging() -> None:
+    """INFO-level logs to stderr, one short line each (library modules use ``logging``)."""
+    absl_logging.set_verbosity(absl_logging.INFO)
+    absl_logging.use_absl_handler()
+    absl_logging.get_absl_handler().setFormatter(
+        logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S"))
+    # absl's own INFO lines (e.g. checkpoint sharding timings) are noise for users.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def write_flags(workdir: str, anchor_flag: str = "workdir") -> str:
+    """Writes the app's resolved flags to ``workdir/flags.txt`` (a valid flagfile).
+
+    Args:
+      workdir: the job's output folder (created).
+      anchor_flag: a flag the app defines; every flag of the module that defines it is
+        written, so the file reproduces the run with ``--flagfile``.
+
+    Returns:
+      The file's path.
+    """
+    fv = flags.FLAGS
+    module = fv.find_module_defining_flag(anchor_flag)
+    lines = [fl.serialize() for fl in sorted(fv.get_flags_for_module(module),
+                                             key=lambda fl: fl.name)]
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "flags.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(line for line in lines if line) + "\n")
+    return path
