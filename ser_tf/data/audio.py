@@ -1,8 +1,9 @@
 """Audio decoding and conditioning as graph functions (usable inside ``tf.data``).
 
-Decoding uses tensorflow-io's audio readers, which sniff the container (WAV, FLAC, Ogg
-Vorbis, MP3) and report the sample type and rate as tensors; we branch on the sample type
-in-graph so one function decodes any file. The rest (down-mix, resampling to the model's
+Decoding recognises the container (WAV, FLAC, Ogg Vorbis, MP3) from its magic bytes, reads
+the sample rate and sample format from its header in-graph, and decodes with
+tensorflow-io's stateless decoders, so one graph function decodes any file and tf.data can
+run it in parallel. The rest (down-mix, resampling to the model's
 rate, silence trimming, level normalisation) is plain TF so it runs in parallel in
 ``tf.data`` and inside ``tf.function``.
 
@@ -17,14 +18,8 @@ import dataclasses
 
 import tensorflow as tf
 import tensorflow_io as tfio
-from tensorflow_io.python.ops import core_ops
 
 from ser_tf.data.resample import resample
-
-# Sample types the tfio readers return, and the scale that maps each to [-1, 1).
-_SAMPLE_TYPES = ((tf.int16, 1.0 / 32768.0, 0.0), (tf.int32, 1.0 / 2147483648.0, 0.0),
-                 (tf.float32, 1.0, 0.0), (tf.uint8, 1.0 / 128.0, -128.0),
-                 (tf.int8, 1.0 / 128.0, 0.0), (tf.float64, 1.0, 0.0))
 
 # Input rates resampled by the fast polyphase path (ser_tf.data.resample); any other rate
 # falls back to tfio.audio.resample, which is correct but slow.
@@ -60,8 +55,93 @@ class AudioConfig:
             raise ValueError(f"sample_rate must be positive, got {self.sample_rate}")
 
 
+def _bytes(contents: tf.Tensor, offset, length: int) -> tf.Tensor:
+    """``length`` bytes of ``contents`` from ``offset`` as int64 (zeros past the end)."""
+    raw = tf.io.decode_raw(tf.strings.substr(contents, offset, length), tf.uint8)
+    raw = tf.cast(raw, tf.int64)
+    return tf.pad(raw, [[0, length - tf.shape(raw)[0]]])
+
+
+def _le(contents: tf.Tensor, offset, length: int) -> tf.Tensor:
+    """Little-endian unsigned integer of ``length`` bytes at ``offset``."""
+    b = _bytes(contents, offset, length)
+    return tf.reduce_sum(b * tf.constant([1 << (8 * k) for k in range(length)], tf.int64))
+
+
+def _wav_header(contents: tf.Tensor):
+    """``(encoding, channels, rate, bits)`` from a RIFF/WAVE file's ``fmt `` chunk."""
+    size = tf.cast(tf.strings.length(contents), tf.int64)
+
+    def not_fmt(offset):
+        return tf.logical_and(offset + 8 <= size,
+                              tf.strings.substr(contents, offset, 4) != "fmt ")
+
+    def next_chunk(offset):
+        chunk = _le(contents, offset + 4, 4)
+        return (offset + 8 + chunk + chunk % 2,)
+
+    (offset,) = tf.while_loop(lambda o: not_fmt(o), next_chunk, (tf.constant(12, tf.int64),),
+                              maximum_iterations=64)
+    tf.debugging.assert_less_equal(offset + 24, size, message="corrupt WAV: no fmt chunk")
+    encoding = _le(contents, offset + 8, 2)
+    # WAVE_FORMAT_EXTENSIBLE keeps the real encoding in its sub-format GUID.
+    encoding = tf.where(encoding == 0xFFFE, _le(contents, offset + 32, 2), encoding)
+    return encoding, _le(contents, offset + 10, 2), _le(contents, offset + 12, 4), \
+        _le(contents, offset + 22, 2)
+
+
+def _flac_rate(contents: tf.Tensor):
+    """``(rate, bits)`` from a FLAC file's STREAMINFO block."""
+    b = _bytes(contents, 18, 4)
+    rate = b[0] * 4096 + b[1] * 16 + b[2] // 16
+    bits = (b[2] % 2) * 16 + b[3] // 16 + 1
+    return rate, bits
+
+
+def _vorbis_rate(contents: tf.Tensor) -> tf.Tensor:
+    """Sample rate from an Ogg Vorbis identification header (first page)."""
+    packet = 27 + _le(contents, 26, 1)
+    tf.debugging.assert_equal(tf.strings.substr(contents, packet, 7), "\x01vorbis",
+                              message="Ogg file is not Vorbis audio")
+    return _le(contents, packet + 12, 4)
+
+
+# MPEG audio sample rates by [version bits][rate index] (version 1 is reserved).
+_MP3_RATES = [[11025, 12000, 8000, 0], [0, 0, 0, 0], [22050, 24000, 16000, 0],
+              [44100, 48000, 32000, 0]]
+
+
+def _mp3_rate(contents: tf.Tensor) -> tf.Tensor:
+    """Sample rate from the first MPEG audio frame header (after any ID3v2 tag)."""
+    tag = tf.strings.substr(contents, 0, 3) == "ID3"
+    syncsafe = _bytes(contents, 6, 4)
+    tag_size = (syncsafe[0] * (1 << 21) + syncsafe[1] * (1 << 14) + syncsafe[2] * 128
+                + syncsafe[3] + 10
+                + tf.where(_le(contents, 5, 1) // 16 % 2 == 1, tf.constant(10, tf.int64), 0))
+    start = tf.where(tag, tag_size, tf.constant(0, tf.int64))
+    window = _bytes(contents, start, 4096)
+    sync = tf.logical_and(tf.equal(window[:-2], 0xFF), tf.equal(window[1:-1] // 32, 7))
+    valid = tf.logical_and(sync, tf.not_equal((window[1:-1] // 8) % 4, 1))
+    valid = tf.logical_and(valid, tf.not_equal((window[2:] // 4) % 4, 3))
+    tf.debugging.assert_equal(tf.reduce_any(valid), True,
+                              message="corrupt MP3: no frame header found")
+    first = tf.argmax(tf.cast(valid, tf.int32))
+    version = (window[first + 1] // 8) % 4
+    index = (window[first + 2] // 4) % 4
+    return tf.gather_nd(tf.constant(_MP3_RATES, tf.int64), tf.stack([version, index]))
+
+
+def _scaled(audio: tf.Tensor, scale: float, offset: float = 0.0) -> tf.Tensor:
+    return (tf.cast(audio, tf.float32) + offset) * scale
+
+
 def decode_audio(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Decodes an audio file of any supported format.
+    """Decodes an audio file of any supported format (WAV, FLAC, Ogg Vorbis, MP3).
+
+    The container is recognised from its magic bytes, its header parsed in-graph for the
+    sample rate and sample format, and the samples decoded with tensorflow-io's stateless
+    decoders. (tfio's ``AudioIOTensor`` reads rate and type for us but holds a shared
+    resource per op, which races when tf.data decodes files in parallel.)
 
     Args:
       path: scalar string tensor, the file's path.
@@ -70,24 +150,57 @@ def decode_audio(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
       ``(audio, rate)``: float32 ``[samples, channels]`` in [-1, 1] and the int64 rate.
 
     Raises:
-      tf.errors.OpError: the file is missing, not audio, corrupt or truncated.
+      tf.errors.OpError: the file is missing, unreadable, not audio, corrupt or truncated.
     """
-    resource = core_ops.io_audio_readable_init(path)
-    _, dtype_enum, rate = core_ops.io_audio_readable_spec(resource)
+    contents = tf.io.read_file(path)
+    magic = tf.strings.substr(contents, 0, 4)
+    is_wav = tf.logical_and(magic == "RIFF", tf.strings.substr(contents, 8, 4) == "WAVE")
+    first = _bytes(contents, 0, 2)
+    is_mp3 = tf.logical_or(tf.strings.substr(contents, 0, 3) == "ID3",
+                           tf.logical_and(first[0] == 0xFF, first[1] // 32 == 7))
+    kinds = tf.stack([is_wav, magic == "fLaC", magic == "OggS", is_mp3])
+    tf.debugging.assert_equal(tf.reduce_any(kinds), True, message=(
+        "not an audio file this pipeline decodes (WAV, FLAC, Ogg Vorbis, MP3)"))
+    kind = tf.cast(tf.argmax(tf.cast(kinds, tf.int32)), tf.int32)
 
-    def reader(dtype: tf.DType, scale: float, offset: float):
-        def read():
-            raw = core_ops.io_audio_readable_read(resource, 0, -1, dtype=dtype)
-            return (tf.cast(raw, tf.float32) + offset) * scale
-        return read
+    def wav():
+        encoding, _, rate, bits = _wav_header(contents)
+        pcm = tf.equal(encoding, 1)
+        cases = tf.stack([tf.logical_and(pcm, tf.equal(bits, 16)),
+                          tf.logical_and(pcm, tf.logical_or(tf.equal(bits, 24),
+                                                            tf.equal(bits, 32))),
+                          tf.logical_and(pcm, tf.equal(bits, 8)),
+                          tf.logical_and(tf.equal(encoding, 3), tf.equal(bits, 32))])
+        tf.debugging.assert_equal(tf.reduce_any(cases), True,
+                                  message="unsupported WAV encoding (need PCM 8/16/24/32-bit "
+                                          "or 32-bit float)")
+        branch = tf.cast(tf.argmax(tf.cast(cases, tf.int32)), tf.int32)
+        decoders = [
+            lambda: _scaled(tfio.audio.decode_wav(contents, dtype=tf.int16), 1 / 32768.0),
+            # tfio left-aligns 24-bit samples in int32, so one scale serves 24 and 32 bit.
+            lambda: _scaled(tfio.audio.decode_wav(contents, dtype=tf.int32), 1 / 2147483648.0),
+            lambda: _scaled(tfio.audio.decode_wav(contents, dtype=tf.uint8), 1 / 128.0, -128.0),
+            lambda: tfio.audio.decode_wav(contents, dtype=tf.float32),
+        ]
+        return tf.switch_case(branch, decoders), rate
 
-    known = tf.constant([t.as_datatype_enum for t, _, _ in _SAMPLE_TYPES], tf.int64)
-    matches = tf.equal(known, tf.cast(dtype_enum, tf.int64))
-    tf.debugging.assert_equal(tf.reduce_any(matches), True,
-                              message="unsupported audio sample type")
-    branch = tf.cast(tf.argmax(tf.cast(matches, tf.int32)), tf.int32)
-    audio = tf.switch_case(branch, [reader(*t) for t in _SAMPLE_TYPES])
-    audio = tf.ensure_shape(audio, [None, None])
+    def flac():
+        rate, bits = _flac_rate(contents)
+        audio = tf.cond(bits <= 16,
+                        lambda: _scaled(tfio.audio.decode_flac(contents, dtype=tf.int16),
+                                        1 / 32768.0),
+                        lambda: _scaled(tfio.audio.decode_flac(contents, dtype=tf.int32),
+                                        1 / 2147483648.0))
+        return audio, rate
+
+    def vorbis():
+        return tfio.audio.decode_vorbis(contents), _vorbis_rate(contents)
+
+    def mp3():
+        return tfio.audio.decode_mp3(contents), _mp3_rate(contents)
+
+    audio, rate = tf.switch_case(kind, [wav, flac, vorbis, mp3])
+    audio = tf.ensure_shape(tf.cast(audio, tf.float32), [None, None])
     return audio, tf.cast(rate, tf.int64)
 
 

@@ -148,7 +148,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
 
     context = {
         "corpus": cfg.corpus,
-        "synthetic": cfg.corpus == "synthetic",
+        "synthetic": any(u.corpus == "synthetic" for u in utterances),
         "protocol": cfg.protocol,
         "trainer": cfg.trainer,
         "model": cfg.model.name,

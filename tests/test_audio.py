@@ -1,0 +1,122 @@
+"""Decoding, down-mixing, resampling, trimming and bad-audio detection on real files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_io as tfio
+
+from conftest import sine, write_wav
+from ser_tf.data.audio import (AudioConfig, decode_audio, load_waveform, normalize_level,
+                               trim_silence)
+
+
+def _peak_hz(x: np.ndarray, rate: int) -> float:
+    spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.argmax(spec) * rate / len(x))
+
+
+def test_decode_wav_keeps_samples_channels_and_rate(tmp_path):
+    left, right = sine(440, 22050, 0.5, 0.5), sine(880, 22050, 0.5, 0.25)
+    path = write_wav(tmp_path / "st.wav", np.stack([left, right], 1), 22050)
+    audio, rate = decode_audio(tf.constant(path))
+    assert int(rate) == 22050
+    assert audio.shape == (len(left), 2) and audio.dtype == tf.float32
+    np.testing.assert_allclose(audio.numpy()[:, 0], left, atol=1.0 / 32767)
+    np.testing.assert_allclose(audio.numpy()[:, 1], right, atol=1.0 / 32767)
+
+
+@pytest.mark.parametrize("fmt", ["flac", "ogg"])
+def test_decode_other_containers(tmp_path, fmt):
+    rate = 16000
+    x = sine(500, rate, 0.5, 0.5).astype(np.float32)
+    if fmt == "flac":
+        data = tfio.audio.encode_flac(tf.constant((x * 32767).astype(np.int16)[:, None]), rate)
+    else:
+        # libvorbis has no mono 16 kHz mode; encode the same tone as stereo.
+        data = tfio.audio.encode_vorbis(tf.constant(np.stack([x, x], 1)), rate)
+    path = tmp_path / f"a.{fmt}"
+    path.write_bytes(data.numpy())
+    audio, got_rate = decode_audio(tf.constant(str(path)))
+    assert int(got_rate) == rate
+    assert abs(_peak_hz(audio.numpy()[:, 0], rate) - 500) < 5
+    assert np.max(np.abs(audio.numpy())) == pytest.approx(0.5, abs=0.05)
+
+
+def test_decode_mp3(tmp_path):
+    rate = 16000
+    x = sine(500, rate, 0.5, 0.5).astype(np.float32)
+    try:
+        data = tfio.audio.encode_mp3(tf.constant(x[:, None]), rate).numpy()
+    except (tf.errors.OpError, NotImplementedError):
+        pytest.skip("no MP3 encoder (libmp3lame) on this machine to make a test file")
+    path = tmp_path / "a.mp3"
+    path.write_bytes(data)
+    audio, got_rate = decode_audio(tf.constant(str(path)))
+    assert int(got_rate) == rate
+    assert abs(_peak_hz(audio.numpy()[:, 0], rate) - 500) < 10
+
+
+@pytest.mark.parametrize("rate_in", [48000, 44100, 8000, 16000, 37000])
+def test_load_waveform_resamples_and_keeps_frequency(tmp_path, rate_in):
+    # 37 kHz is not a common rate: it takes the general (tfio) path.
+    path = write_wav(tmp_path / "s.wav", sine(1000, rate_in, 1.0, 0.5), rate_in)
+    cfg = AudioConfig(sample_rate=16000, trim_db=None, normalize="none")
+    wave = load_waveform(tf.constant(path), cfg).numpy()
+    assert abs(len(wave) - 16000) <= 2
+    assert abs(_peak_hz(wave, 16000) - 1000) < 3
+    assert np.max(np.abs(wave[400:-400])) == pytest.approx(0.5, abs=0.02)
+
+
+def test_stereo_is_downmixed(tmp_path):
+    x = sine(300, 16000, 0.5, 0.4)
+    path = write_wav(tmp_path / "st.wav", np.stack([x, -x * 0.5], 1), 16000)
+    wave = load_waveform(tf.constant(path), AudioConfig(trim_db=None, normalize="none"))
+    np.testing.assert_allclose(wave.numpy(), 0.25 * x, atol=2e-4)
+
+
+def test_trim_silence_removes_leading_and_trailing_quiet():
+    rate = 16000
+    x = np.concatenate([np.zeros(8000), sine(300, rate, 1.0, 0.5), np.zeros(4000)])
+    trimmed = trim_silence(tf.constant(x, tf.float32), top_db=30).numpy()
+    assert 16000 <= len(trimmed) <= 16000 + 2 * 1024
+    # At most one analysis frame (1024 samples) of silence is kept at each edge.
+    assert np.argmax(np.abs(trimmed) > 0.05) < 1024
+    assert len(trimmed) - 1 - np.flatnonzero(np.abs(trimmed) > 0.05)[-1] < 1024
+
+
+@pytest.mark.parametrize("mode,level", [("peak", -1.0), ("rms", -20.0)])
+def test_normalize_level(mode, level):
+    x = tf.constant(sine(300, 16000, 0.5, 0.1), tf.float32)
+    y = normalize_level(x, mode, level).numpy()
+    got = np.max(np.abs(y)) if mode == "peak" else np.sqrt(np.mean(y ** 2))
+    assert 20 * np.log10(got) == pytest.approx(level, abs=0.05)
+
+
+def _make_bad_files(tmp_path):
+    good = sine(300, 16000, 0.5, 0.5)
+    full = open(write_wav(tmp_path / "full.wav", good, 16000), "rb").read()
+    files = {
+        "empty": b"",
+        "not_audio": b"this is a text file, not audio\n" * 20,
+        "corrupt": b"RIFF" + np.random.default_rng(0).bytes(600),
+        "truncated": full[:30],
+    }
+    paths = {}
+    for name, data in files.items():
+        paths[name] = tmp_path / f"{name}.wav"
+        paths[name].write_bytes(data)
+    paths["silent"] = write_wav(tmp_path / "silent.wav", np.zeros(8000), 16000)
+    paths["no_samples"] = write_wav(tmp_path / "no_samples.wav", np.zeros(0), 16000)
+    paths["missing"] = tmp_path / "missing.wav"
+    (tmp_path / "dir.wav").mkdir()
+    paths["unreadable"] = tmp_path / "dir.wav"
+    return {k: str(v) for k, v in paths.items()}
+
+
+def test_every_bad_audio_case_raises(tmp_path):
+    for name, path in _make_bad_files(tmp_path).items():
+        with pytest.raises((tf.errors.OpError, ValueError)):
+            load_waveform(tf.constant(path), AudioConfig())
+            pytest.fail(f"{name} did not raise")

@@ -1,0 +1,147 @@
+"""The tf.data pipeline over real files: decode-once cache, bad-audio policy, crops, windows."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import sine, write_wav
+from ser_tf.data.audio import AudioConfig
+from ser_tf.data.corpora import Utterance
+from ser_tf.data.pipeline import (AugmentConfig, BadAudioError, augment_waveform,
+                                  decode_corpus, evaluation_dataset, fit_length,
+                                  training_dataset, window_starts)
+from test_audio import _make_bad_files
+
+CFG = AudioConfig(trim_db=None, normalize="none")
+
+
+def _utt(path, emotion="anger", speaker="a"):
+    return Utterance(str(path), emotion, speaker, "female", "xx", "test")
+
+
+@pytest.fixture()
+def tone_corpus(tmp_path):
+    """Five files of different lengths and rates, each a distinct tone."""
+    specs = [(200, 16000, 0.5), (300, 48000, 1.3), (400, 44100, 2.2), (500, 8000, 0.9),
+             (600, 16000, 3.1)]
+    utts = [_utt(write_wav(tmp_path / f"t{k}.wav", sine(f, r, d), r), speaker=f"s{k}")
+            for k, (f, r, d) in enumerate(specs)]
+    return decode_corpus(utts, CFG, progress=False), specs
+
+
+def test_decode_corpus_caches_and_keeps_order(tone_corpus):
+    corpus, specs = tone_corpus
+    assert len(corpus) == 5 and not corpus.bad
+    expected = [int(round(d * 16000)) for _, _, d in specs]
+    assert np.all(np.abs(corpus.lengths - expected) <= 2)
+    got = [(int(i), w.shape[0]) for i, w in corpus.dataset]
+    assert [g[0] for g in got] == list(range(5))
+
+
+def test_bad_audio_skip_names_each_file_and_fail_raises(tmp_path, caplog):
+    bad = _make_bad_files(tmp_path)
+    good = [_utt(write_wav(tmp_path / f"g{k}.wav", sine(300, 16000, 0.5), 16000))
+            for k in range(2)]
+    utts = good[:1] + [_utt(p) for p in bad.values()] + good[1:]
+    with caplog.at_level("WARNING"):
+        corpus = decode_corpus(utts, AudioConfig(), on_bad_audio="skip", progress=False)
+    assert [u.path for u in corpus.utterances] == [g.path for g in good]
+    assert sorted(b.path for b in corpus.bad) == sorted(bad.values())
+    for path in bad.values():
+        assert path in caplog.text
+    reasons = {b.path: b.reason for b in corpus.bad}
+    assert "silent" in reasons[bad["silent"]]
+    assert "No such file" in reasons[bad["missing"]] or "not found" in reasons[
+        bad["missing"]].lower()
+    with pytest.raises(BadAudioError) as err:
+        decode_corpus(utts, AudioConfig(), on_bad_audio="fail", progress=False)
+    for path in bad.values():
+        assert path in str(err.value)
+    assert len(err.value.bad) == len(bad)
+
+
+def test_bad_policy_and_empty_input_rejected(tmp_path):
+    with pytest.raises(ValueError, match="on_bad_audio"):
+        decode_corpus([_utt(tmp_path / "x.wav")], CFG, on_bad_audio="ignore")
+    with pytest.raises(ValueError, match="no utterances"):
+        decode_corpus([], CFG)
+
+
+def test_fit_length_loops_pads_and_crops():
+    x = tf.range(5, dtype=tf.float32)
+    np.testing.assert_array_equal(fit_length(x, 12, 0.0, "loop"),
+                                  [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1])
+    np.testing.assert_array_equal(fit_length(x, 7, 0.0, "zero"), [0, 1, 2, 3, 4, 0, 0])
+    np.testing.assert_array_equal(fit_length(x, 3, 0.999, "zero"), [2, 3, 4])
+    np.testing.assert_array_equal(fit_length(x, 3, 0.0, "loop"), [0, 1, 2])
+
+
+def test_training_dataset_shapes_labels_and_determinism(tone_corpus):
+    corpus, _ = tone_corpus
+    labels = np.arange(5)
+
+    def batches(seed):
+        ds = training_dataset(corpus, [0, 1, 2, 3], labels, segment_samples=8000,
+                              batch_size=3, seed=seed)
+        return [(x.numpy(), y.numpy()) for x, y in ds]
+
+    a, b, c = batches(1), batches(1), batches(2)
+    assert [x.shape for x, _ in a] == [(3, 8000), (1, 8000)]
+    assert sorted(np.concatenate([y for _, y in a]).tolist()) == [0, 1, 2, 3]
+    for (xa, ya), (xb, yb) in zip(a, b):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    assert not all(np.array_equal(xa, xc) for (xa, _), (xc, _) in zip(a, c))
+    # A new epoch draws new crops and order.
+    ds = training_dataset(corpus, [1, 2, 3, 4], labels, segment_samples=4000, batch_size=4,
+                          seed=0)
+    e1, e2 = [x.numpy() for x, _ in ds], [x.numpy() for x, _ in ds]
+    assert not np.array_equal(e1[0], e2[0])
+
+
+def test_augmentation_gain_noise_shift():
+    x = tf.constant(sine(300, 16000, 1.0, 0.3), tf.float32)
+    seed = tf.constant([3, 4], tf.int64)
+    gain = augment_waveform(x, AugmentConfig(gain_db=6.0), 16000, seed).numpy()
+    ratio = np.max(np.abs(gain)) / 0.3
+    assert 10 ** (-6 / 20) - 1e-3 <= ratio <= 10 ** (6 / 20) + 1e-3
+    noisy = augment_waveform(x, AugmentConfig(noise_snr_db=(10.0, 10.0), noise_prob=1.0),
+                             16000, seed).numpy()
+    snr = 10 * np.log10(np.mean(x.numpy() ** 2) / np.mean((noisy - x.numpy()) ** 2))
+    assert snr == pytest.approx(10.0, abs=0.5)
+    shifted = augment_waveform(x, AugmentConfig(shift_s=0.1), 16000, seed).numpy()
+    lags = [k for k in range(-1600, 1601) if np.allclose(np.roll(x.numpy(), k), shifted)]
+    assert len(lags) >= 1
+
+
+def test_window_starts():
+    assert window_starts(100, 200, 50) == [0]
+    assert window_starts(200, 100, 50) == [0, 50, 100]
+    assert window_starts(230, 100, 50) == [0, 50, 100, 130]
+
+
+def test_evaluation_windows_cover_every_utterance(tone_corpus):
+    corpus, _ = tone_corpus
+    idx = [4, 0, 2]
+    ds, total = evaluation_dataset(corpus, idx, segment_samples=16000, hop_samples=8000,
+                                   batch_size=4)
+    positions, wins = [], []
+    for p, w in ds:
+        positions += p.numpy().tolist()
+        wins.append(w.numpy())
+    wins = np.concatenate(wins)
+    assert len(positions) == total == wins.shape[0]
+    expected = [len(window_starts(int(corpus.lengths[i]), 16000, 8000)) for i in idx]
+    assert [positions.count(k) for k in range(3)] == expected
+    assert wins.shape[1] == 16000
+    # The short utterance (index 0, 0.5 s) is looped to fill its window.
+    first = wins[positions.index(1)]
+    np.testing.assert_allclose(first[:8000], first[8000:16000], atol=1e-6)
+
+
+def test_frozen_config_is_hashable():
+    assert dataclasses.replace(AugmentConfig(), gain_db=1.0).enabled

@@ -1,0 +1,129 @@
+"""The standard trainer end to end on tiny synthetic data: outputs, resume, determinism."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from ser_tf.data.audio import AudioConfig
+from ser_tf.data.corpora import write_manifest
+from ser_tf.models import ModelConfig
+from ser_tf.training.experiment import ExperimentConfig, run_experiment
+from ser_tf.training.standard import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = ModelConfig(segment_s=0.5, n_mels=24, conv_filters=(4, 8), chunk_frames=12,
+                         hop_frames=6, chunk_units=8, lstm_units=4)
+TINY_FLAGS = ["--segment_s=0.5", "--n_mels=24", "--conv_filters=4,8", "--chunk_frames=12",
+              "--chunk_hop=6", "--chunk_units=8", "--lstm_units=4", "--batch_size=8",
+              "--val_speakers=1", "--verbose=2"]
+
+
+@pytest.fixture(scope="module")
+def manifest(synthetic_corpus, tmp_path_factory):
+    path = tmp_path_factory.mktemp("manifest") / "manifest.csv"
+    write_manifest(synthetic_corpus, path)
+    return str(path)
+
+
+def _config(manifest, workdir, **train):
+    return ExperimentConfig(workdir=str(workdir), corpus="manifest", data_dir=manifest,
+                            protocol="speakers", test_speakers=("s01",), val_speakers=1,
+                            audio=AudioConfig(), model=TINY_MODEL,
+                            train=TrainConfig(**{"epochs": 2, "batch_size": 8, **train}),
+                            verbose=0)
+
+
+def test_run_writes_every_output_and_is_deterministic(manifest, tmp_path):
+    a = run_experiment(_config(manifest, tmp_path / "a", seed=3))
+    for name in ("metrics.json", "model.keras", "predictions.csv", "confusion_matrix.png",
+                 "checkpoints/state.json", "checkpoints/best.weights.h5"):
+        assert (tmp_path / "a" / name).exists(), name
+    assert list((tmp_path / "a" / "tb").glob("*/events.out.tfevents.*"))
+    saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    for key in ("accuracy", "uar", "per_class_recall", "confusion_matrix", "labels", "n",
+                "by_group"):
+        assert key in saved
+    assert set(saved["by_group"]) == {"gender", "speaker", "language"}
+    assert saved["by_group"]["speaker"].keys() == {"s01"}
+    assert saved["synthetic"] is True and saved["bad_audio"]["count"] == 0
+    assert len(saved["history"]) == 2
+    model = keras.models.load_model(tmp_path / "a" / "model.keras", safe_mode=True)
+    assert list(model.labels) == saved["labels"]
+
+    b = run_experiment(_config(manifest, tmp_path / "b", seed=3))
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert a["confusion_matrix"] == b["confusion_matrix"]
+    # A finished run is not redone: same metrics, no new training.
+    again = run_experiment(_config(manifest, tmp_path / "a", seed=3))
+    assert again["history"] == a["history"]
+
+
+def test_loso_writes_fold_workdirs_and_summary(manifest, tmp_path):
+    cfg = dataclasses.replace(_config(manifest, tmp_path, epochs=1), protocol="loso")
+    m = run_experiment(cfg)
+    assert sorted(p.name for p in tmp_path.glob("fold_*")) == ["fold_s01", "fold_s02",
+                                                                "fold_s03", "fold_s04"]
+    assert len(m["folds"]) == 4 and "uar_std" in m and m["pooled"]["n"] == m["n_utterances"]
+    assert np.isclose(m["uar"], np.mean([f["uar"] for f in m["folds"]]))
+    assert set(m["by_group"]["speaker"]) == {"s01", "s02", "s03", "s04"}
+
+
+def test_bad_audio_is_counted_in_metrics(manifest, tmp_path):
+    lines = Path(manifest).read_text().splitlines()
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF\x00\x00")
+    src = Path(manifest).parent
+    rows = [lines[0]] + [",".join([str(src / ln.split(",")[0])] + ln.split(",")[1:])
+                         for ln in lines[1:]]
+    rows.append(f"{bad},anger,s02,male,synthetic,synthetic")
+    csv_path = tmp_path / "with_bad.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    m = run_experiment(dataclasses.replace(_config(str(csv_path), tmp_path / "w", epochs=1)))
+    assert m["bad_audio"]["count"] == 1
+    assert m["bad_audio"]["files"][0]["path"] == str(bad)
+
+
+def _train_cmd(manifest, workdir, epochs):
+    return [sys.executable, "-m", "trainers.train", "--corpus=manifest", f"--data_dir={manifest}",
+            "--protocol=speakers", "--test_speakers=s01", f"--workdir={workdir}",
+            f"--epochs={epochs}", "--patience=0", *TINY_FLAGS]
+
+
+def test_kill_9_mid_training_then_resume_loses_nothing(manifest, tmp_path):
+    workdir = tmp_path / "w"
+    state = workdir / "checkpoints" / "state.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(_train_cmd(manifest, workdir, 6), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text() or "{}").get("epoch", 0) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be interrupted"
+    first = json.loads(state.read_text())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "metrics.json").exists()
+
+    done = subprocess.run(_train_cmd(manifest, workdir, 6), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming" in done.stderr
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4, 5, 6]
+    # Epochs finished before the kill are kept as they were, not re-run.
+    for before, after in zip(first["history"], metrics["history"]):
+        assert before == after
+    assert (workdir / "flags.txt").read_text().count("--epochs=6") == 1
