@@ -13,7 +13,9 @@ def conv_block(filters: int, kernel: int, pool: tuple[int, int], name: str) -> l
     return [
         keras.layers.Conv2D(filters, kernel, padding="same", use_bias=False,
                             name=f"{name}_conv"),
-        keras.layers.BatchNormalization(name=f"{name}_bn"),
+        # Momentum 0.9: SER corpora give few steps per epoch, and with the default 0.99 the
+        # moving statistics used at evaluation lag far behind the weights for many epochs.
+        keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn"),
         keras.layers.Activation("relu", name=f"{name}_relu"),
         keras.layers.MaxPooling2D(pool, padding="same", name=f"{name}_pool"),
     ]
