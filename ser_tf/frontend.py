@@ -236,7 +236,12 @@ class FeatureNormalization(keras.layers.Layer):
         self.mean.assign(mean.astype(np.float32))
         self.variance.assign(np.maximum(total_sq / count - mean ** 2, 0.0).astype(np.float32))
 
-    def call(self, features: tf.Tensor) -> tf.Tensor:
+    def call(self, features: tf.Tensor, mean: tf.Tensor | None = None,
+             variance: tf.Tensor | None = None) -> tf.Tensor:
+        """Standardises ``features``; ``mean``/``variance`` (``[batch, bins, C]``), when given,
+        replace the learned statistics per example (per-speaker normalisation)."""
+        if mean is not None:
+            return ((features - mean[:, None]) * tf.math.rsqrt(variance[:, None] + self.epsilon))
         features = self._center(features)
         return (features - self.mean) * tf.math.rsqrt(self.variance + self.epsilon)
 

@@ -145,3 +145,19 @@ def test_evaluation_windows_cover_every_utterance(tone_corpus):
 
 def test_frozen_config_is_hashable():
     assert dataclasses.replace(AugmentConfig(), gain_db=1.0).enabled
+
+
+def test_speed_perturbation_scales_length_and_pitch():
+    from ser_tf.data.pipeline import perturb_speed
+
+    x = tf.constant(sine(500, 16000, 1.0, 0.5), tf.float32)
+    for f in (0.9, 1.1):
+        y = perturb_speed(x, (f,), 16000, tf.constant([1, 2], tf.int64)).numpy()
+        assert abs(len(y) - 16000 / f) <= 2
+        spec = np.abs(np.fft.rfft(y * np.hanning(len(y))))
+        assert np.argmax(spec) * 16000 / len(y) == pytest.approx(500 * f, abs=3)
+    picks = {len(perturb_speed(x, (0.9, 1.0, 1.1), 16000, tf.constant([k, 0], tf.int64)))
+             for k in range(20)}
+    assert len(picks) == 3
+    with pytest.raises(ValueError):
+        AugmentConfig(speed=(3.0,))

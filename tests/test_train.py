@@ -127,3 +127,24 @@ def test_kill_9_mid_training_then_resume_loses_nothing(manifest, tmp_path):
     for before, after in zip(first["history"], metrics["history"]):
         assert before == after
     assert (workdir / "flags.txt").read_text().count("--epochs=6") == 1
+
+
+def test_speaker_norm_standardises_each_speaker_and_is_labelled(manifest, tmp_path):
+    from ser_tf.data.pipeline import decode_corpus, speaker_feature_stats
+    from ser_tf.frontend import LogMelFrontend
+    from ser_tf.data import corpora
+
+    corpus = decode_corpus(corpora.manifest(manifest), AudioConfig(), progress=False)
+    frontend = LogMelFrontend(16000, n_mels=24)
+    mean, var = speaker_feature_stats(corpus, frontend, segment_samples=8000,
+                                      hop_samples=4000)
+    assert mean.shape == (len(corpus), 24, 1)
+    by_speaker = {}
+    for i, u in enumerate(corpus.utterances):
+        by_speaker.setdefault(u.speaker, set()).add(mean[i].tobytes())
+    assert all(len(v) == 1 for v in by_speaker.values())
+    assert len({next(iter(v)) for v in by_speaker.values()}) == len(by_speaker)
+    m = run_experiment(dataclasses.replace(
+        _config(manifest, tmp_path, epochs=1),
+        train=TrainConfig(epochs=1, batch_size=8, speaker_norm=True)))
+    assert m["speaker_normalization"].startswith("PER-SPEAKER")

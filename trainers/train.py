@@ -87,6 +87,11 @@ flags.DEFINE_float("aug_gain_db", 0.0, "Random gain range (+-dB).")
 flags.DEFINE_list("aug_noise_snr", [], "Additive white noise SNR range, e.g. 10,30 (dB).")
 flags.DEFINE_float("aug_noise_prob", 0.5, "Probability of adding noise.")
 flags.DEFINE_float("aug_shift_s", 0.0, "Random circular time shift (s).")
+flags.DEFINE_list("aug_speed", [], "Speed-perturbation factors drawn per crop, e.g. "
+                  "0.9,1.0,1.1 (empty: off).")
+flags.DEFINE_bool("speaker_norm", False, "Per-speaker feature normalisation with each "
+                  "speaker's own unlabelled audio, test speakers included (NOT strict; "
+                  "labelled as such in metrics.json).")
 flags.DEFINE_bool("deterministic", True, "TF op determinism (same seed, same numbers).")
 # -- output --------------------------------------------------------------------------------
 flags.DEFINE_string("workdir", None, "Output folder (created; re-running resumes).")
@@ -120,13 +125,14 @@ def build_config():
                         chunk_units=FLAGS.chunk_units, lstm_units=FLAGS.lstm_units,
                         dense_units=FLAGS.dense_units, dropout=FLAGS.dropout)
     augment = AugmentConfig(gain_db=FLAGS.aug_gain_db, noise_snr_db=snr or None,
-                            noise_prob=FLAGS.aug_noise_prob, shift_s=FLAGS.aug_shift_s)
+                            noise_prob=FLAGS.aug_noise_prob, shift_s=FLAGS.aug_shift_s,
+                            speed=tuple(float(f) for f in FLAGS.aug_speed))
     train = TrainConfig(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
                         learning_rate=FLAGS.learning_rate, weight_decay=FLAGS.weight_decay,
                         warmup_epochs=FLAGS.warmup_epochs, patience=FLAGS.patience,
                         class_weighting=FLAGS.class_weighting, seed=FLAGS.seed,
                         eval_hop_s=FLAGS.eval_hop_s, pad_mode=FLAGS.pad_mode, augment=augment,
-                        deterministic=FLAGS.deterministic)
+                        deterministic=FLAGS.deterministic, speaker_norm=FLAGS.speaker_norm)
     return ExperimentConfig(
         workdir=FLAGS.workdir, corpus=FLAGS.corpus, data_dir=FLAGS.data_dir,
         classes=FLAGS.classes, merge=FLAGS.merge, protocol=FLAGS.protocol,
@@ -156,6 +162,8 @@ def main(argv):
         logging.error("%s", err)
         return 1
     label = " [SYNTHETIC corpus]" if metrics.get("synthetic") else ""
+    if cfg.train.speaker_norm:
+        label += " [PER-SPEAKER normalisation: not strict]"
     print(format_metrics(metrics, f"\n{cfg.corpus}{label}, protocol {cfg.protocol}, "
                                   f"test data:"))
     if metrics["bad_audio"]["count"]:

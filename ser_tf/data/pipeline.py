@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ser_tf.data.audio import AudioConfig, load_waveform
 from ser_tf.data.corpora import Utterance
+from ser_tf.data.resample import resample
 
 log = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE
@@ -65,12 +66,20 @@ class AugmentConfig:
         None for no noise.
       noise_prob: probability of adding noise to a crop.
       shift_s: random circular time shift of up to this many seconds either way.
+      speed: speed-perturbation factors, one drawn uniformly per crop (e.g. ``(0.9, 1.0,
+        1.1)``): the utterance is resampled so it plays that much faster, which moves
+        pitch, formants and tempo together, as a different voice would (empty: off).
     """
 
     gain_db: float = 0.0
     noise_snr_db: tuple[float, float] | None = None
     noise_prob: float = 0.5
     shift_s: float = 0.0
+    speed: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        if any(not 0.5 <= f <= 2.0 for f in self.speed):
+            raise ValueError(f"speed factors must lie in [0.5, 2], got {self.speed}")
 
     @property
     def enabled(self) -> bool:
@@ -196,6 +205,31 @@ def fit_length(wave: tf.Tensor, length: int, offset: tf.Tensor, pad_mode: str) -
     return tf.ensure_shape(wave[start:start + length], [length])
 
 
+def perturb_speed(wave: tf.Tensor, factors: Sequence[float], sample_rate: int,
+                  seed: tf.Tensor) -> tf.Tensor:
+    """Plays ``wave`` faster by a factor drawn uniformly from ``factors`` (stateless).
+
+    Speeding up by ``f`` is resampling from a nominal ``f * sample_rate`` to
+    ``sample_rate``; each factor is one branch with its own polyphase filter.
+
+    Args:
+      wave: ``[samples]``.
+      factors: speed factors (1.0 leaves the waveform as it is).
+      sample_rate: rate of ``wave``.
+      seed: int tensor ``[2]``.
+
+    Returns:
+      The perturbed waveform (its length scales by ``1 / f``).
+    """
+    def branch(f: float):
+        rate_in = int(round(f * sample_rate))
+        return lambda: wave if rate_in == sample_rate else resample(wave, rate_in, sample_rate)
+
+    pick = tf.random.stateless_uniform([], seed, 0, len(factors), tf.int32)
+    out = tf.switch_case(pick, [branch(f) for f in factors])
+    return tf.ensure_shape(out, [None])
+
+
 def augment_waveform(wave: tf.Tensor, config: AugmentConfig, sample_rate: int,
                      seed: tf.Tensor) -> tf.Tensor:
     """Applies random gain, circular shift and additive noise (stateless, from ``seed``).
@@ -231,7 +265,9 @@ def augment_waveform(wave: tf.Tensor, config: AugmentConfig, sample_rate: int,
 def training_dataset(corpus: DecodedCorpus, indices: Sequence[int], labels: Sequence[int], *,
                      segment_samples: int, batch_size: int, seed: int,
                      augment: AugmentConfig | None = None, pad_mode: str = "loop",
-                     shuffle: bool = True, drop_remainder: bool = False) -> tf.data.Dataset:
+                     shuffle: bool = True, drop_remainder: bool = False,
+                     norm_stats: tuple[np.ndarray, np.ndarray] | None = None
+                     ) -> tf.data.Dataset:
     """Random fixed-length crops of a split, batched: ``(waves [B, S], labels [B])``.
 
     Each iteration (epoch) reshuffles and draws new crops and augmentation, all derived from
@@ -248,12 +284,16 @@ def training_dataset(corpus: DecodedCorpus, indices: Sequence[int], labels: Sequ
       pad_mode: how short clips are extended (see :func:`fit_length`).
       shuffle: shuffle the order each epoch.
       drop_remainder: drop a last incomplete batch.
+      norm_stats: per-utterance feature ``(mean, variance)`` arrays ``[N, bins, C]`` for
+        per-speaker normalisation (see :func:`speaker_feature_stats`); the inputs then
+        become dicts ``{"waveform", "norm_mean", "norm_var"}``.
 
     Returns:
       The dataset.
     """
     if len(indices) == 0:
         raise ValueError("empty training split")
+    attach = _stats_attacher(norm_stats)
     labels_t = tf.constant(np.asarray(labels, np.int32))
     ds = _select(corpus, indices)
     if shuffle:
@@ -265,10 +305,12 @@ def training_dataset(corpus: DecodedCorpus, indices: Sequence[int], labels: Sequ
         i, wave = element
         s = tf.cast(rand, tf.int64)
         offset = tf.random.stateless_uniform([], s)
+        if augment is not None and augment.speed:
+            wave = perturb_speed(wave, augment.speed, rate, s + 2)
         out = fit_length(wave, segment_samples, offset, pad_mode)
         if augment is not None and augment.enabled:
             out = augment_waveform(out, augment, rate, s + 1)
-        return out, tf.gather(labels_t, i)
+        return attach(i, out), tf.gather(labels_t, i)
 
     ds = tf.data.Dataset.zip((ds, noise)).map(crop, num_parallel_calls=AUTOTUNE,
                                              deterministic=True)
@@ -287,7 +329,9 @@ def window_starts(num_samples: int, segment_samples: int, hop_samples: int) -> l
 
 def evaluation_dataset(corpus: DecodedCorpus, indices: Sequence[int], *, segment_samples: int,
                        hop_samples: int, batch_size: int,
-                       pad_mode: str = "loop") -> tuple[tf.data.Dataset, int]:
+                       pad_mode: str = "loop",
+                       norm_stats: tuple[np.ndarray, np.ndarray] | None = None
+                       ) -> tuple[tf.data.Dataset, int]:
     """All fixed-length windows of every utterance of a split.
 
     Args:
@@ -297,11 +341,14 @@ def evaluation_dataset(corpus: DecodedCorpus, indices: Sequence[int], *, segment
       hop_samples: hop between windows.
       batch_size: windows per batch.
       pad_mode: how utterances shorter than a window are extended.
+      norm_stats: per-utterance ``(mean, variance)`` for per-speaker normalisation (windows
+        then come as dicts, as in :func:`training_dataset`).
 
     Returns:
       ``(dataset, num_windows)``: the dataset yields ``(positions [B], windows [B, S])``,
       ``positions`` being each window's utterance position in ``indices``.
     """
+    attach = _stats_attacher(norm_stats)
     indices = np.asarray(indices, np.int64)
     if indices.size == 0:
         raise ValueError("empty evaluation split")
@@ -325,11 +372,59 @@ def evaluation_dataset(corpus: DecodedCorpus, indices: Sequence[int], *, segment
         extended = _extend(wave, segment_samples, pad_mode)
         idx = st[:, None] + tf.range(segment_samples)[None, :]
         wins = tf.gather(extended, idx)
-        return tf.data.Dataset.from_tensor_slices((tf.fill([tf.size(st)], pos), wins))
+        ids = tf.fill([tf.size(st)], i)
+        return tf.data.Dataset.from_tensor_slices((tf.fill([tf.size(st)], pos),
+                                                   attach(ids, wins)))
 
     ds = _select(corpus, indices).flat_map(windows)
     total = int(sum(len(s) for s in starts))
     return ds.batch(batch_size).prefetch(AUTOTUNE), total
+
+
+def _stats_attacher(norm_stats: tuple[np.ndarray, np.ndarray] | None):
+    """``f(index, wave)``: the wave alone, or a dict with its utterance's norm statistics."""
+    if norm_stats is None:
+        return lambda i, wave: wave
+    mean_t = tf.constant(np.asarray(norm_stats[0], np.float32))
+    var_t = tf.constant(np.asarray(norm_stats[1], np.float32))
+    return lambda i, wave: {"waveform": wave, "norm_mean": tf.gather(mean_t, i),
+                            "norm_var": tf.gather(var_t, i)}
+
+
+def speaker_feature_stats(corpus: DecodedCorpus, feature_fn, *, segment_samples: int,
+                          hop_samples: int, pad_mode: str = "loop"
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-speaker feature mean and variance, broadcast to each of the speaker's utterances.
+
+    This is per-speaker normalisation: every speaker, the test speakers included, is
+    standardised with statistics of its own (unlabelled) audio. It uses test-speaker audio,
+    so results obtained with it are not strictly speaker-independent and must be labelled
+    as such.
+
+    Args:
+      corpus: the decoded corpus.
+      feature_fn: waveforms ``[B, S]`` -> features ``[B, frames, bins, C]`` (the frontend).
+      segment_samples: window length.
+      hop_samples: window hop.
+      pad_mode: how short utterances are extended.
+
+    Returns:
+      ``(mean, variance)``, each ``[len(corpus), bins, C]`` float32.
+    """
+    speakers = sorted({u.speaker for u in corpus.utterances})
+    mean = variance = None
+    for spk in speakers:
+        idx = [i for i, u in enumerate(corpus.utterances) if u.speaker == spk]
+        ds, _ = evaluation_dataset(corpus, idx, segment_samples=segment_samples,
+                                   hop_samples=hop_samples, batch_size=64, pad_mode=pad_mode)
+        batches = [np.asarray(feature_fn(w)) for _, w in ds]
+        feats = np.concatenate([b.reshape((-1,) + b.shape[2:]) for b in batches])
+        if mean is None:
+            mean = np.zeros((len(corpus),) + feats.shape[1:], np.float32)
+            variance = np.ones_like(mean)
+        mean[idx] = feats.mean(axis=0)
+        variance[idx] = feats.var(axis=0)
+    return mean, variance
 
 
 def _extend(wave: tf.Tensor, length: int, pad_mode: str) -> tf.Tensor:

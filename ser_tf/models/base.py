@@ -64,9 +64,19 @@ class SERModel(keras.Model):
             self.classifier.build(feature_shape)
         super().build(input_shape)
 
-    def features(self, waveform: tf.Tensor, training: bool | None = None) -> tf.Tensor:
-        """Normalised features ``[batch, frames, bins, C]`` (the classifier's input)."""
-        return self.normalizer(self.frontend(waveform))
+    def features(self, inputs, training: bool | None = None) -> tf.Tensor:
+        """Normalised features ``[batch, frames, bins, C]`` (the classifier's input).
+
+        Args:
+          inputs: waveforms ``[batch, samples]``, or a dict with ``"waveform"`` and, for
+            per-speaker normalisation, ``"norm_mean"``/``"norm_var"`` ``[batch, bins, C]``
+            that replace the learned statistics.
+          training: unused here (the frontend and normaliser behave the same).
+        """
+        if isinstance(inputs, dict):
+            return self.normalizer(self.frontend(inputs["waveform"]),
+                                   mean=inputs.get("norm_mean"), variance=inputs.get("norm_var"))
+        return self.normalizer(self.frontend(inputs))
 
     def classify(self, features: tf.Tensor, training: bool | None = None) -> tf.Tensor:
         """Logits from normalised features (SpecAugment applies only when training)."""
@@ -74,8 +84,8 @@ class SERModel(keras.Model):
             features = self.specaugment(features, training=training)
         return self.classifier(features, training=training)
 
-    def call(self, waveform: tf.Tensor, training: bool | None = None) -> tf.Tensor:
-        return self.classify(self.features(waveform, training=training), training=training)
+    def call(self, inputs, training: bool | None = None) -> tf.Tensor:
+        return self.classify(self.features(inputs, training=training), training=training)
 
     def get_config(self) -> dict:
         ser = keras.saving.serialize_keras_object

@@ -33,7 +33,7 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
 from ser_tf.data.pipeline import (AugmentConfig, DecodedCorpus, evaluation_dataset,
-                                  training_dataset)
+                                  speaker_feature_stats, training_dataset)
 from ser_tf.evaluation.metrics import evaluate_predictions
 from ser_tf.evaluation.predict import predict_utterances
 from ser_tf.evaluation.report import confusion_matrix_png, png_to_tensor, spectrograms_png
@@ -60,6 +60,9 @@ class TrainConfig:
       pad_mode: ``loop`` or ``zero`` for clips shorter than a window.
       augment: waveform augmentation for training crops.
       deterministic: enable TF op determinism (same seed, same numbers).
+      speaker_norm: per-speaker feature normalisation: every speaker, test speakers
+        included, standardised with statistics of its own unlabelled audio. Not strictly
+        speaker-independent; results are labelled as such.
     """
 
     epochs: int = 40
@@ -74,6 +77,7 @@ class TrainConfig:
     pad_mode: str = "loop"
     augment: AugmentConfig = AugmentConfig()
     deterministic: bool = True
+    speaker_norm: bool = False
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -159,6 +163,14 @@ class _FoldTrainer:
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.ckpt_dir, max_to_keep=2)
         os.makedirs(self.ckpt_dir, exist_ok=True)
 
+    def compute_norm_stats(self) -> None:
+        """Per-speaker statistics for ``speaker_norm`` (None: the model's learned ones)."""
+        self.norm_stats = None
+        if self.cfg.speaker_norm:
+            self.norm_stats = speaker_feature_stats(
+                self.corpus, tf.function(self.model.frontend), segment_samples=self.segment,
+                hop_samples=self.hop, pad_mode=self.cfg.pad_mode)
+
     def restore(self) -> bool:
         """Resumes from the last finished epoch if a checkpoint exists."""
         if self.manager.latest_checkpoint is None or not os.path.exists(self.state_path):
@@ -186,7 +198,7 @@ class _FoldTrainer:
         ds = training_dataset(self.corpus, self.fold.train, self.labels,
                               segment_samples=self.segment, batch_size=self.cfg.batch_size,
                               seed=self.cfg.seed, augment=self.cfg.augment,
-                              pad_mode=self.cfg.pad_mode)
+                              pad_mode=self.cfg.pad_mode, norm_stats=self.norm_stats)
         if not self.cfg.class_weighting:
             return ds
         weights = tf.constant(_class_weights(self.labels[self.fold.train], len(self.classes)))
@@ -196,7 +208,7 @@ class _FoldTrainer:
     def predict(self, indices: Sequence[int], desc: str) -> np.ndarray:
         ds, n_win = evaluation_dataset(self.corpus, indices, segment_samples=self.segment,
                                        hop_samples=self.hop, batch_size=64,
-                                       pad_mode=self.cfg.pad_mode)
+                                       pad_mode=self.cfg.pad_mode, norm_stats=self.norm_stats)
         return predict_utterances(self.forward, ds, len(indices), n_win,
                                   progress=self.verbose == 1, desc=desc)
 
@@ -293,6 +305,7 @@ def train_fold(corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str]
     labels = np.asarray(labels, np.int32)
     trainer = _FoldTrainer(corpus, labels, classes, fold, model_cfg, cfg, workdir, verbose)
     trainer.build()
+    trainer.compute_norm_stats()
     if not trainer.restore():
         trainer.adapt_normalizer()
         trainer.write_examples()
