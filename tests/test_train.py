@@ -72,8 +72,8 @@ def test_run_writes_every_output_and_is_deterministic(manifest, tmp_path):
 def test_loso_writes_fold_workdirs_and_summary(manifest, tmp_path):
     cfg = dataclasses.replace(_config(manifest, tmp_path, epochs=1), protocol="loso")
     m = run_experiment(cfg)
-    assert sorted(p.name for p in tmp_path.glob("fold_*")) == ["fold_s01", "fold_s02",
-                                                                "fold_s03", "fold_s04"]
+    folds = sorted(p.name for p in tmp_path.glob("fold_*"))
+    assert folds == ["fold_s01", "fold_s02", "fold_s03", "fold_s04"]
     assert len(m["folds"]) == 4 and "uar_std" in m and m["pooled"]["n"] == m["n_utterances"]
     assert np.isclose(m["uar"], np.mean([f["uar"] for f in m["folds"]]))
     assert set(m["by_group"]["speaker"]) == {"s01", "s02", "s03", "s04"}

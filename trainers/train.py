@@ -19,9 +19,9 @@ import sys
 # Quiet TF's C++ start-up chatter unless the user asked for it (set before TF loads).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags
+from absl import app, flags  # noqa: E402  (after the environment default above)
 
-from trainers import common
+from trainers import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 

@@ -313,7 +313,7 @@ def training_dataset(corpus: DecodedCorpus, indices: Sequence[int], labels: Sequ
         return attach(i, out), tf.gather(labels_t, i)
 
     ds = tf.data.Dataset.zip((ds, noise)).map(crop, num_parallel_calls=AUTOTUNE,
-                                             deterministic=True)
+                                              deterministic=True)
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
 
 
