@@ -35,9 +35,10 @@ def cnn_classifier(num_classes: int, bins: int, channels: int, *,
     for i, f in enumerate(conv_filters):
         for layer in conv_block(f, 5 if i == 0 else 3, (2, 2), name=f"block{i + 1}"):
             x = layer(x)
-    pooled = keras.layers.Concatenate(name="pool")([
-        keras.layers.GlobalAveragePooling2D(name="mean_pool")(x),
-        keras.layers.GlobalMaxPooling2D(name="max_pool")(x)])
+    # Average pooling only: a global max over a whole batch-normalised map starts training
+    # with logits several times too large (initial loss ~4.7 instead of ln 7), and the model
+    # never recovered on EmoDB.
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(pooled)
     x = keras.layers.Dense(dense_units, activation="relu", name="hidden")(x)
     x = keras.layers.Dropout(dropout, name="dropout_hidden")(x)
