@@ -36,7 +36,7 @@ run: $(STAMP)
 	  $(if $(DATA_DIR),--data_dir=$(DATA_DIR),)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not bench" tests
+	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
 	$(PY) -m flake8 ser_tf trainers export tests bench

@@ -120,3 +120,17 @@ def test_every_bad_audio_case_raises(tmp_path):
         with pytest.raises((tf.errors.OpError, ValueError)):
             load_waveform(tf.constant(path), AudioConfig())
             pytest.fail(f"{name} did not raise")
+
+
+@pytest.mark.parametrize("rate", [8000, 44100, 48000])
+def test_audio_rate_reads_the_header_and_static_rate_path_matches(tmp_path, rate):
+    from ser_tf.data.audio import audio_rate
+
+    path = write_wav(tmp_path / "s.wav", sine(700, rate, 0.5, 0.5), rate)
+    assert int(audio_rate(tf.constant(path))) == rate
+    cfg = AudioConfig(trim_db=None, normalize="none")
+    dynamic = load_waveform(tf.constant(path), cfg).numpy()
+    static = load_waveform(tf.constant(path), cfg, rate=rate).numpy()
+    np.testing.assert_allclose(static, dynamic, atol=1e-6)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="differs"):
+        load_waveform(tf.constant(path), cfg, rate=22050)

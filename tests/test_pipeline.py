@@ -33,13 +33,18 @@ def tone_corpus(tmp_path):
     return decode_corpus(utts, CFG, progress=False), specs
 
 
-def test_decode_corpus_caches_and_keeps_order(tone_corpus):
+def test_decode_corpus_decodes_every_rate_and_indexes_each_file(tone_corpus):
     corpus, specs = tone_corpus
     assert len(corpus) == 5 and not corpus.bad
     expected = [int(round(d * 16000)) for _, _, d in specs]
     assert np.all(np.abs(corpus.lengths - expected) <= 2)
-    got = [(int(i), w.shape[0]) for i, w in corpus.dataset]
-    assert [g[0] for g in got] == list(range(5))
+    got = {int(i): w.numpy() for i, w in corpus.dataset}
+    assert sorted(got) == list(range(5))
+    for k, (freq, _, _) in enumerate(specs):
+        wave = got[k]
+        assert len(wave) == corpus.lengths[k]
+        spec = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
+        assert np.argmax(spec) * 16000 / len(wave) == pytest.approx(freq, abs=3)
 
 
 def test_bad_audio_skip_names_each_file_and_fail_raises(tmp_path, caplog):

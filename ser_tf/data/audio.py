@@ -135,6 +135,34 @@ def _scaled(audio: tf.Tensor, scale: float, offset: float = 0.0) -> tf.Tensor:
     return (tf.cast(audio, tf.float32) + offset) * scale
 
 
+def _container(contents: tf.Tensor) -> tf.Tensor:
+    """Index of the container (0 WAV, 1 FLAC, 2 Ogg, 3 MP3) from the magic bytes.
+
+    Raises (in-graph) with a clear message for anything else.
+    """
+    magic = tf.strings.substr(contents, 0, 4)
+    is_wav = tf.logical_and(magic == "RIFF", tf.strings.substr(contents, 8, 4) == "WAVE")
+    first = _bytes(contents, 0, 2)
+    is_mp3 = tf.logical_or(tf.strings.substr(contents, 0, 3) == "ID3",
+                           tf.logical_and(first[0] == 0xFF, first[1] // 32 == 7))
+    kinds = tf.stack([is_wav, magic == "fLaC", magic == "OggS", is_mp3])
+    tf.debugging.assert_equal(tf.reduce_any(kinds), True, message=(
+        "not an audio file this pipeline decodes (WAV, FLAC, Ogg Vorbis, MP3)"))
+    return tf.cast(tf.argmax(tf.cast(kinds, tf.int32)), tf.int32)
+
+
+def audio_rate(path: tf.Tensor) -> tf.Tensor:
+    """The sample rate from a file's header alone (int64), without decoding the samples.
+
+    Lets a pipeline group files by rate and resample each group with a static filter
+    (see :func:`ser_tf.data.pipeline.decode_corpus`).
+    """
+    contents = tf.io.read_file(path)
+    return tf.switch_case(_container(contents), [
+        lambda: _wav_header(contents)[2], lambda: _flac_rate(contents)[0],
+        lambda: _vorbis_rate(contents), lambda: _mp3_rate(contents)])
+
+
 def decode_audio(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Decodes an audio file of any supported format (WAV, FLAC, Ogg Vorbis, MP3).
 
@@ -153,15 +181,7 @@ def decode_audio(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
       tf.errors.OpError: the file is missing, unreadable, not audio, corrupt or truncated.
     """
     contents = tf.io.read_file(path)
-    magic = tf.strings.substr(contents, 0, 4)
-    is_wav = tf.logical_and(magic == "RIFF", tf.strings.substr(contents, 8, 4) == "WAVE")
-    first = _bytes(contents, 0, 2)
-    is_mp3 = tf.logical_or(tf.strings.substr(contents, 0, 3) == "ID3",
-                           tf.logical_and(first[0] == 0xFF, first[1] // 32 == 7))
-    kinds = tf.stack([is_wav, magic == "fLaC", magic == "OggS", is_mp3])
-    tf.debugging.assert_equal(tf.reduce_any(kinds), True, message=(
-        "not an audio file this pipeline decodes (WAV, FLAC, Ogg Vorbis, MP3)"))
-    kind = tf.cast(tf.argmax(tf.cast(kinds, tf.int32)), tf.int32)
+    kind = _container(contents)
 
     def wav():
         encoding, _, rate, bits = _wav_header(contents)
@@ -288,20 +308,32 @@ def normalize_level(waveform: tf.Tensor, mode: str, level_db: float) -> tf.Tenso
     return tf.clip_by_value(scaled, -1.0, 1.0)
 
 
-def load_waveform(path: tf.Tensor, config: AudioConfig) -> tf.Tensor:
+def load_waveform(path: tf.Tensor, config: AudioConfig, rate: int | None = None) -> tf.Tensor:
     """File -> conditioned mono waveform at ``config.sample_rate`` (graph function).
 
     Decode, down-mix, check, resample, trim, check length, normalise level.
+
+    Args:
+      path: scalar string tensor.
+      config: how to condition the audio.
+      rate: the file's sample rate if known in advance (from :func:`audio_rate`): the
+        resampler is then built for that rate alone, a much smaller and faster graph than
+        the run-time dispatch over every common rate used when it is None.
 
     Raises:
       tf.errors.InvalidArgumentError: the audio is empty, silent, too short or not finite
         (the message says which); decoding errors propagate from :func:`decode_audio`.
     """
-    audio, rate = decode_audio(path)
+    audio, file_rate = decode_audio(path)
     wave = to_mono(audio)
     tf.debugging.assert_greater(tf.size(wave), 0, message="empty audio (no samples)")
     tf.debugging.assert_all_finite(wave, message="audio has NaN or Inf samples")
-    wave = resample_to(wave, rate, config.sample_rate, config.resample_quality)
+    if rate is None:
+        wave = resample_to(wave, file_rate, config.sample_rate, config.resample_quality)
+    else:
+        tf.debugging.assert_equal(file_rate, tf.constant(rate, tf.int64),
+                                  message="sample rate differs from the one probed")
+        wave = resample(wave, rate, config.sample_rate, quality=config.resample_quality)
     tf.debugging.assert_greater(tf.reduce_max(tf.abs(wave)), 1e-6,
                                 message="silent audio (all samples zero)")
     if config.trim_db is not None:

@@ -2,7 +2,9 @@
 
 The flow:
 
-1. :func:`decode_corpus` decodes every file in parallel (``AUTOTUNE``), conditions it
+1. :func:`decode_corpus` reads every file's sample rate from its header, then decodes
+   the files of each rate in parallel (``AUTOTUNE``) with a resampler built for that rate
+   (one small graph per rate instead of a run-time dispatch over all rates), conditions it
    (:func:`ser_tf.data.audio.load_waveform`) and caches the waveforms (in memory, or in a
    cache file for corpora larger than RAM). This single pass also finds bad audio: a file
    whose decoding fails is dropped by ``ignore_errors`` and, because each element carries
@@ -28,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from ser_tf.data.audio import AudioConfig, load_waveform
+from ser_tf.data.audio import AudioConfig, audio_rate, load_waveform
 from ser_tf.data.corpora import Utterance
 from ser_tf.data.resample import resample
 
@@ -121,6 +123,33 @@ def _error_reason(path: str, config: AudioConfig) -> str:
     return ""
 
 
+def _group_by_rate(paths: tf.Tensor) -> dict[int, list[int]]:
+    """File indices by sample rate read from the headers (unreadable files are left out:
+    decoding them fails later, which names the reason)."""
+    probe = (tf.data.Dataset.range(int(paths.shape[0]))
+             .map(lambda i: (i, audio_rate(tf.gather(paths, i))), num_parallel_calls=AUTOTUNE)
+             .ignore_errors())
+    groups: dict[int, list[int]] = {}
+    for i, rate in probe.as_numpy_iterator():
+        groups.setdefault(int(rate), []).append(int(i))
+    return groups
+
+
+def _decode_group(paths: tf.Tensor, members: Sequence[int], config: AudioConfig,
+                  rate: int) -> tf.data.Dataset:
+    """Decodes files of one sample rate with a resampler built for that rate only."""
+    def load(static_rate):
+        return lambda i: (i, load_waveform(tf.gather(paths, i), config, rate=static_rate))
+
+    ds = tf.data.Dataset.from_tensor_slices(np.asarray(members, np.int64))
+    try:
+        ds = ds.map(load(rate), num_parallel_calls=AUTOTUNE, deterministic=True)
+    except ValueError:
+        # A rate with no compact polyphase filter (e.g. a prime ratio): run-time dispatch.
+        ds = ds.map(load(None), num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.ignore_errors()
+
+
 def decode_corpus(utterances: Sequence[Utterance], config: AudioConfig, *,
                   on_bad_audio: str = "skip", cache_path: str = "",
                   progress: bool = True) -> DecodedCorpus:
@@ -146,18 +175,17 @@ def decode_corpus(utterances: Sequence[Utterance], config: AudioConfig, *,
     if not utterances:
         raise ValueError("no utterances to decode")
     paths = tf.constant([u.path for u in utterances])
-
-    def load(i):
-        return i, load_waveform(tf.gather(paths, i), config)
-
-    decoded = (tf.data.Dataset.range(len(utterances))
-               .map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
-               .ignore_errors()
-               .cache(cache_path))
-    lengths = {}
-    for i, wave in tqdm(decoded, total=len(utterances), desc="decoding audio", unit="file",
-                        disable=not progress, leave=False):
-        lengths[int(i)] = int(wave.shape[0])
+    groups = [_decode_group(paths, members, config, rate)
+              for rate, members in sorted(_group_by_rate(paths).items())]
+    lengths: dict[int, int] = {}
+    if groups:
+        decoded = groups[0]
+        for group in groups[1:]:
+            decoded = decoded.concatenate(group)
+        decoded = decoded.cache(cache_path)
+        for i, wave in tqdm(decoded, total=len(utterances), desc="decoding audio",
+                            unit="file", disable=not progress, leave=False):
+            lengths[int(i)] = int(wave.shape[0])
 
     bad = [BadAudio(u.path, _error_reason(u.path, config) or "could not be decoded")
            for i, u in enumerate(utterances) if i not in lengths]
