@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from ser_tf.frontend import (FeatureNormalization, LogMelFrontend, SpecAugment, deltas,
                              mel_filterbank)
+from ser_tf.models.layers import ChunkEncoder
 
 
 def _numpy_logmel(x: np.ndarray, layer: LogMelFrontend) -> np.ndarray:
@@ -99,6 +100,9 @@ def test_specaugment_only_when_training():
 @pytest.mark.parametrize("layer", [
     LogMelFrontend(8000, frame_ms=32, hop_ms=8, n_mels=24, n_mfcc=12, use_deltas=True),
     SpecAugment(1, 3, 1, 4, seed=5),
+    FeatureNormalization(per_utterance=True, epsilon=1e-3),
+    ChunkEncoder(chunk_frames=10, hop_frames=5, filters=(4, 8), kernel_sizes=(3, 3), units=6,
+                 dropout=0.1),
 ])
 def test_layer_config_round_trip(layer):
     clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
