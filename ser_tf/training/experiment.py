@@ -25,8 +25,9 @@ from ser_tf.data.audio import AudioConfig
 from ser_tf.data.pipeline import decode_corpus
 from ser_tf.evaluation.metrics import evaluate_predictions, summarize_folds
 from ser_tf.models import ModelConfig
-from ser_tf.training.protocols import Fold, make_folds
-from ser_tf.training.standard import TrainConfig, _write_json, train_fold
+from ser_tf.training.protocols import make_folds
+from ser_tf.training.standard import TrainConfig, train_fold
+from ser_tf.workdir import fold_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +97,6 @@ def list_utterances(cfg: ExperimentConfig) -> list[corpora.Utterance]:
     return corpora.select_classes(utterances, classes, corpora.parse_merge(cfg.merge) or None)
 
 
-def _fold_dir(workdir: str, fold: Fold, n_folds: int) -> str:
-    return workdir if n_folds == 1 else os.path.join(workdir, fold.name)
-
-
 def run_experiment(cfg: ExperimentConfig) -> dict:
     """Runs (or resumes) an experiment and returns its top-level metrics.
 
@@ -133,7 +130,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     trainer = TRAINERS[cfg.trainer]
     fold_metrics, pooled_idx, pooled_pred = [], [], []
     for k, fold in enumerate(folds):
-        workdir = _fold_dir(cfg.workdir, fold, len(folds))
+        workdir = fold_dir(cfg.workdir, fold.name, len(folds))
         log.info("fold %d/%d (%s): test speakers %s, validation speakers %s, %d/%d/%d "
                  "utterances", k + 1, len(folds), fold.name, ",".join(fold.test_speakers),
                  ",".join(fold.val_speakers), len(fold.train), len(fold.val), len(fold.test))
@@ -173,5 +170,5 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             result[key] = pooled[key]
     result.update(context)
     result["wall_seconds"] = round(time.time() - start, 1)
-    _write_json(os.path.join(cfg.workdir, "metrics.json"), result)
+    write_json(os.path.join(cfg.workdir, "metrics.json"), result)
     return result

@@ -39,6 +39,7 @@ from ser_tf.evaluation.predict import predict_utterances
 from ser_tf.evaluation.report import confusion_matrix_png, png_to_tensor, spectrograms_png
 from ser_tf.models import ModelConfig, SERModel, build_model
 from ser_tf.training.protocols import Fold
+from ser_tf.workdir import write_json
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +79,6 @@ class TrainConfig:
     augment: AugmentConfig = AugmentConfig()
     deterministic: bool = True
     speaker_norm: bool = False
-
-
-def _write_json(path: str, obj: dict) -> None:
-    """Writes JSON atomically (temp file + rename): a kill never leaves half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def write_predictions(path: str, utterances: Sequence, y_true: np.ndarray, logits: np.ndarray,
@@ -245,7 +238,7 @@ class _FoldTrainer:
         self.epoch_var.assign(epoch + 1)
         # Checkpoint first, then the state that refers to it (restore trusts the checkpoint).
         self.manager.save(checkpoint_number=epoch + 1)
-        _write_json(self.state_path, self.state)
+        write_json(self.state_path, self.state)
         if self.verbose:
             log.info("%s epoch %d: loss %.4f, train acc %.3f, val UAR %.3f%s",
                      self.fold.name, epoch + 1, entry["loss"], entry["accuracy"], uar,
@@ -341,5 +334,5 @@ def train_fold(corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str]
         tf.summary.image("confusion_matrix", png_to_tensor(png))
     writer.flush()
     trainer.model.save(os.path.join(workdir, "model.keras"))
-    _write_json(metrics_path, test)
+    write_json(metrics_path, test)
     return test
