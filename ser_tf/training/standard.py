@@ -106,6 +106,9 @@ class _EpochState(keras.callbacks.Callback):
         super().__init__()
         self.t = trainer
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self.t._epoch_start = time.time()
+
     def on_epoch_end(self, epoch, logs=None):
         self.t.end_epoch(epoch, logs or {})
         if self.t.should_stop():
@@ -243,7 +246,6 @@ class _FoldTrainer:
             log.info("%s epoch %d: loss %.4f, train acc %.3f, val UAR %.3f%s",
                      self.fold.name, epoch + 1, entry["loss"], entry["accuracy"], uar,
                      " (best)" if self.state["wait"] == 0 else "")
-        self._epoch_start = time.time()
 
     def should_stop(self) -> bool:
         return bool(self.cfg.patience) and self.state["wait"] >= self.cfg.patience
