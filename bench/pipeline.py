@@ -1,0 +1,623 @@
+"""Input-pipeline throughput: the ser_tf tf.data pipeline against a librosa loop.
+
+The work, per file: decode, resample to 16 kHz, 64-band log-mel spectrogram (25 ms
+window, 10 ms hop). The contenders:
+
+* ``ser_tf``: the way ``decode_corpus`` decodes: a first tf.data pass reads every
+  file's sample rate from its header (``audio_rate``), then, per rate, a
+  ``tf.data.Dataset`` of paths ->
+  ``map(load_waveform(path, AudioConfig(16000, trim_db=None, normalize="none"),
+  rate=r), AUTOTUNE)`` (a resampler built for that rate), the groups concatenated ->
+  ``map(LogMelFrontend on each waveform, AUTOTUNE)`` -> ``prefetch``; both passes are
+  timed;
+* ``ser_tf run-time dispatch``: the same with ``load_waveform(path, config)``, which
+  finds the rate per file in-graph and dispatches over the common rates (what a one-off
+  file gets; no probe pass);
+* ``tfio resample``: the dispatch pipeline with ``tfio.audio.resample`` in place of the
+  ser_tf resampler (what a user of tensorflow-io alone gets);
+* ``librosa``: ``librosa.load(path, sr=16000, res_type="soxr_hq")`` +
+  ``librosa.feature.melspectrogram`` + log in a plain Python loop (what a user writes).
+
+What is timed: one full pass over the files, from creating the iterator to the last
+feature matrix in Python's hands (each element fetched by a ``for`` loop, as a user's
+loop or a custom training loop would). The pass is a first pass in the sense that
+nothing is cached between files or passes by the pipeline (no ``Dataset.cache``); the
+files themselves are in the OS page cache for every contender, because an untimed
+warm-up pass of each runs first (it also absorbs tracing, tf.data autotuning and
+librosa's lazy imports). Building the datasets (tracing the map functions) is timed
+separately. Passes of the contenders are interleaved round-robin, in a rotating order,
+and medians are reported, so a busy spell on the shared machine hits all of them.
+
+Besides wall-clock utterances per second, the report gives the process's CPU time per
+utterance (all threads; TF's idle worker threads spin, so this slightly overstates TF's
+real work). On a machine shared with other jobs the CPU figure is the steadier of the two:
+librosa uses one core, tf.data uses all it can get, so wall-clock ratios shift with how
+many cores the other jobs leave free.
+
+The input files: the 535 EmoDB utterances (16 kHz) and copies of them at 48 kHz and
+44.1 kHz written once by :func:`bench.resample_quality.make_resampled_copies` into a cache
+folder (``.bench_cache/`` in the repository root by default).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+from bench.resample_quality import EMODB_WAV_DIR, make_resampled_copies, quality_report  # noqa: E402,E501
+from ser_tf.data.audio import (AudioConfig, audio_rate, decode_audio, load_waveform,  # noqa: E402
+                               to_mono)
+from ser_tf.frontend import LogMelFrontend  # noqa: E402
+
+TARGET_RATE = 16000
+N_MELS = 64
+# 25 ms / 10 ms at 16 kHz; the FFT size is the next power of two, as in LogMelFrontend.
+N_FFT, WIN_LENGTH, HOP_LENGTH = 512, 400, 160
+# Log floor shared by both contenders (LogMelFrontend's default).
+LOG_FLOOR = 1e-6
+# Minimum ratio ser_tf / librosa per input rate (from the issue).
+TARGETS = {16000: 3.0, 48000: 1.5, 44100: 1.5}
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / ".bench_cache"
+# Quality metrics of bench.resample_quality.quality_report worth a row in BENCHMARKS.md.
+QUALITY_METRICS = ("alias_db_worst", "alias_db_10khz", "passband_ripple_db",
+                   "gain_db_at_0.9nyq", "delay_ms", "logmel_mae_db_vs_soxr",
+                   "logmel_corr_vs_soxr")
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _log(message: str) -> None:
+    """Progress on stderr, so that a long run visibly moves."""
+    print(f"[bench.pipeline] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def _spread(files: list[str], limit: int | None) -> list[str]:
+    """At most ``limit`` files spread evenly over the sorted list (several speakers)."""
+    if limit is None or limit >= len(files):
+        return files
+    return [files[i] for i in np.linspace(0, len(files) - 1, limit).astype(int)]
+
+
+def corpus_files(rate: int, cache_dir: str | os.PathLike | None = None,
+                 max_files: int | None = None) -> list[str]:
+    """Paths of the EmoDB files at ``rate`` (the originals, or cached resampled copies).
+
+    Args:
+      rate: wanted sample rate; the originals are used when it is theirs, otherwise
+        copies are made once with :func:`make_resampled_copies` (soxr VHQ, 16-bit PCM).
+      cache_dir: folder for the copies (default ``.bench_cache/`` in the repo root).
+      max_files: use at most this many files, spread evenly (None: all).
+
+    Returns:
+      Sorted absolute paths.
+
+    Raises:
+      FileNotFoundError: EmoDB is not at :data:`EMODB_WAV_DIR`.
+    """
+    import soundfile as sf
+
+    originals = sorted(str(p) for p in EMODB_WAV_DIR.glob("*.wav"))
+    if not originals:
+        raise FileNotFoundError(f"no EmoDB WAV files in {EMODB_WAV_DIR} "
+                                "(set SER_TF_EMODB to the corpus folder)")
+    if sf.info(originals[0]).samplerate == rate:
+        return _spread(originals, max_files)
+    folder = Path(cache_dir or DEFAULT_CACHE_DIR) / f"emodb_{rate}"
+    done = make_resampled_copies(EMODB_WAV_DIR, folder, rate)
+    if done["written"]:
+        _log(f"wrote {done['written']} copies at {rate} Hz into {folder}")
+    return _spread(sorted(str(p) for p in folder.glob("*.wav")), max_files)
+
+
+def _audio_seconds(paths: Sequence[str]) -> float:
+    import soundfile as sf
+
+    return float(sum(sf.info(p).duration for p in paths))
+
+
+# ------------------------------------------------------------------------ contenders
+
+
+def _frontend() -> LogMelFrontend:
+    return LogMelFrontend(TARGET_RATE, frame_ms=25.0, hop_ms=10.0, n_mels=N_MELS,
+                          log_floor=LOG_FLOOR)
+
+
+def _with_log_mel(ds: tf.data.Dataset, frontend: LogMelFrontend) -> tf.data.Dataset:
+    # The frontend is a batch layer; each waveform is a batch of one.
+    return ds.map(lambda wave: frontend(wave[None])[0], num_parallel_calls=AUTOTUNE)
+
+
+def _config() -> AudioConfig:
+    return AudioConfig(sample_rate=TARGET_RATE, trim_db=None, normalize="none")
+
+
+def probe_dataset(paths: Sequence[str]) -> tf.data.Dataset:
+    """``(path, sample rate)`` of every file from its header alone (``audio_rate``)."""
+    return tf.data.Dataset.from_tensor_slices(list(paths)).map(
+        lambda path: (path, audio_rate(path)), num_parallel_calls=AUTOTUNE)
+
+
+def group_by_rate(probe: tf.data.Dataset) -> dict[int, list[str]]:
+    """Runs a :func:`probe_dataset` and groups the paths by sample rate."""
+    groups: dict[int, list[str]] = {}
+    for path, rate in probe.as_numpy_iterator():
+        groups.setdefault(int(rate), []).append(path.decode())
+    return {rate: groups[rate] for rate in sorted(groups)}
+
+
+def ser_tf_dataset(groups: dict[int, list[str]]) -> tf.data.Dataset:
+    """The ser_tf pipeline as ``decode_corpus`` runs it: log-mel ``[frames, 64, 1]`` per file.
+
+    Files are decoded group by group, each rate with ``load_waveform(path, config,
+    rate=r)``, i.e. a resampler built for that rate alone (the graph tf.data instantiates
+    stays small), and the groups are concatenated.
+
+    Args:
+      groups: paths by sample rate, from :func:`group_by_rate`.
+    """
+    config = _config()
+
+    def load(rate: int):
+        return lambda path: load_waveform(path, config, rate=rate)
+
+    parts = [tf.data.Dataset.from_tensor_slices(paths).map(load(rate),
+                                                           num_parallel_calls=AUTOTUNE)
+             for rate, paths in groups.items()]
+    ds = parts[0]
+    for part in parts[1:]:
+        ds = ds.concatenate(part)
+    return _with_log_mel(ds, _frontend()).prefetch(AUTOTUNE)
+
+
+def ser_tf_dispatch_dataset(paths: Sequence[str]) -> tf.data.Dataset:
+    """ser_tf with the rate found per file at run time (``load_waveform(path, config)``:
+    an in-graph dispatch over the common rates; what a one-off file gets)."""
+    config = _config()
+    ds = tf.data.Dataset.from_tensor_slices(list(paths))
+    ds = ds.map(lambda path: load_waveform(path, config), num_parallel_calls=AUTOTUNE)
+    return _with_log_mel(ds, _frontend()).prefetch(AUTOTUNE)
+
+
+def _tfio_load(path: tf.Tensor) -> tf.Tensor:
+    """``load_waveform`` (no trimming, no normalisation) with tfio's resampler."""
+    import tensorflow_io as tfio
+
+    audio, rate = decode_audio(path)
+    wave = to_mono(audio)
+    out = tfio.audio.resample(wave[:, None], rate, TARGET_RATE)[:, 0]
+    # tfio's output has an unknown rank; the frontend needs to know it is 1-D.
+    return tf.ensure_shape(out, [None])
+
+
+def tfio_dataset(paths: Sequence[str]) -> tf.data.Dataset:
+    """The same pipeline with ``tfio.audio.resample`` as the resampler."""
+    ds = tf.data.Dataset.from_tensor_slices(list(paths)).map(_tfio_load,
+                                                             num_parallel_calls=AUTOTUNE)
+    return _with_log_mel(ds, _frontend()).prefetch(AUTOTUNE)
+
+
+def librosa_features(paths: Sequence[str], features: bool = True) -> int:
+    """The librosa loop a user writes; returns the number of files processed.
+
+    Args:
+      paths: files to process.
+      features: also compute the log-mel spectrogram (False: load and resample only,
+        for the breakdown).
+    """
+    import librosa
+
+    for path in paths:
+        wave, _ = librosa.load(path, sr=TARGET_RATE, res_type="soxr_hq")
+        if features:
+            mel = librosa.feature.melspectrogram(y=wave, sr=TARGET_RATE, n_fft=N_FFT,
+                                                 win_length=WIN_LENGTH, hop_length=HOP_LENGTH,
+                                                 n_mels=N_MELS)
+            np.log(mel + LOG_FLOOR)
+    return len(paths)
+
+
+class _Drain:
+    """Iterates a dataset to the end in Python, one element at a time, like a user's loop.
+
+    Each call also records its start-up time (creating the iterator and getting the first
+    element): tf.data instantiates the map functions anew for every iterator, so every
+    pass pays it, and for big functions it is a large part of a pass over a few hundred
+    files.
+    """
+
+    def __init__(self, ds: tf.data.Dataset, before: Callable[[], object] | None = None):
+        """
+        Args:
+          ds: the dataset.
+          before: work that belongs to every pass and runs first (the rate probe); it
+            counts in the pass's time and in its start-up.
+        """
+        self.ds = ds
+        self.before = before
+        self.startup_s: list[float] = []
+        self.startup_cpu_s: list[float] = []
+
+    def __call__(self) -> int:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        if self.before is not None:
+            self.before()
+        iterator = iter(self.ds)
+        count = 0
+        for _ in iterator:
+            if not count:
+                self.startup_s.append(time.perf_counter() - start)
+                self.startup_cpu_s.append(time.process_time() - start_cpu)
+            count += 1
+        return count
+
+
+def _stage_datasets(paths: Sequence[str], rate: int) -> dict[str, tf.data.Dataset]:
+    """Cumulative prefixes of the ser_tf pipeline, to see where its time goes.
+
+    Each stage is the previous one plus one step; the differences between consecutive
+    stages (in CPU ms per utterance) are the cost of each step.
+    """
+    import tensorflow_io as tfio
+
+    config = _config()
+    source = tf.data.Dataset.from_tensor_slices(list(paths))
+
+    def mapped(fn) -> tf.data.Dataset:
+        return source.map(fn, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+    def raw_decode(path):
+        # The floor: tfio's WAV decoder alone, format and sample type known in advance
+        # (every file here is 16-bit PCM).
+        return tf.cast(tfio.audio.decode_wav(tf.io.read_file(path), dtype=tf.int16),
+                       tf.float32) / 32768.0
+
+    stages = {
+        "read + tfio decode_wav (floor)": mapped(raw_decode),
+        "audio_rate (header probe only)": mapped(audio_rate),
+        "decode_audio (format sniffing, header)": mapped(lambda p: decode_audio(p)[0]),
+        "load_waveform, rate known (static resampler, checks)": mapped(
+            lambda p: load_waveform(p, config, rate=rate)),
+        "+ log-mel (ser_tf without the probe)": ser_tf_dataset({rate: list(paths)}),
+        "load_waveform, rate dispatched at run time": mapped(
+            lambda p: load_waveform(p, config)),
+    }
+    return stages
+
+
+def map_function_graphs(rate: int = 48000) -> dict[str, dict[str, float]]:
+    """Size of the graph functions tf.data instantiates at every pass, and what that costs.
+
+    Each map function is traced as a ``tf.function`` of a scalar path; its GraphDef
+    (nested functions included) is measured and the first call on one file is timed,
+    which is dominated by instantiating (optimising) the function, as a new tf.data
+    iterator does.
+
+    Args:
+      rate: rate of the file used for the first call (picks the branch that runs).
+
+    Returns:
+      name -> ``{"functions", "nodes", "graphdef_mb", "first_call_s", "next_call_ms"}``.
+    """
+    config = _config()
+    path = tf.constant(corpus_files(rate, max_files=1)[0])
+    candidates = {
+        "audio_rate": audio_rate,
+        "decode_audio": lambda p: decode_audio(p)[0],
+        f"load_waveform(rate={rate})": lambda p: load_waveform(p, config, rate=rate),
+        "load_waveform (run-time rate dispatch)": lambda p: load_waveform(p, config),
+    }
+    out = {}
+    for name, fn in candidates.items():
+        concrete = tf.function(fn, autograph=False).get_concrete_function(
+            tf.TensorSpec([], tf.string))
+        graph = concrete.graph.as_graph_def()
+        start = time.perf_counter()
+        concrete(path)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        concrete(path)
+        out[name] = {"functions": len(graph.library.function),
+                     "nodes": len(graph.node) + sum(len(f.node_def)
+                                                    for f in graph.library.function),
+                     "graphdef_mb": graph.ByteSize() / 1e6, "first_call_s": first,
+                     "next_call_ms": 1000 * (time.perf_counter() - start)}
+    return out
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int,
+                     label: str = "") -> dict[str, dict[str, float]]:
+    """Wall and CPU time of each run: one untimed warm-up, then ``repeats`` rounds.
+
+    Every round runs each contender once; the order rotates from round to round so no
+    contender always follows the same one (caches, CPU frequency, a neighbour's job).
+
+    Args:
+      runs: name -> callable doing one full pass.
+      repeats: timed rounds.
+      label: prefix of the progress lines.
+
+    Returns:
+      name -> ``{"wall_s", "cpu_s", "warmup_s", "wall_all"}``: medians over the rounds,
+      the warm-up pass's wall time and every round's wall time.
+    """
+    names = list(runs)
+    warmup = {}
+    for name in names:
+        start = time.perf_counter()
+        runs[name]()
+        warmup[name] = time.perf_counter() - start
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            runs[name]()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+        _log(f"{label}round {r + 1}/{repeats}: " + ", ".join(
+            f"{n} {wall[n][-1]:.2f} s" for n in names))
+    return {n: {"wall_s": statistics.median(wall[n]), "cpu_s": statistics.median(cpu[n]),
+                "warmup_s": warmup[n], "wall_all": wall[n]} for n in names}
+
+
+def _rates(times: dict[str, dict[str, float]], n: int, audio_s: float,
+           runs: dict[str, Callable[[], object]]) -> dict[str, dict[str, float]]:
+    """Per-run metrics from :func:`time_interleaved`'s timings of ``n`` files."""
+    out = {}
+    for name, t in times.items():
+        metrics = {"utt_per_s": n / t["wall_s"], "cpu_ms_per_utt": 1000 * t["cpu_s"] / n,
+                   # Other jobs only ever add time: the fastest pass is the closest to
+                   # what the pipeline does on cores of its own.
+                   "best_utt_per_s": n / min(t["wall_all"]),
+                   "audio_x_realtime": audio_s / t["wall_s"], "wall_s": t["wall_s"],
+                   "first_pass_s": t["warmup_s"], "wall_all": t["wall_all"]}
+        run = runs[name]
+        if isinstance(run, _Drain) and len(run.startup_s) > 1:
+            # The warm-up pass's start-up (first instantiation) is left out, as its time is.
+            startup = statistics.median(run.startup_s[1:])
+            startup_cpu = statistics.median(run.startup_cpu_s[1:])
+            metrics["startup_s"] = startup
+            metrics["steady_utt_per_s"] = (n - 1) / max(t["wall_s"] - startup, 1e-9)
+            metrics["steady_cpu_ms_per_utt"] = 1000 * (t["cpu_s"] - startup_cpu) / (n - 1)
+        out[name] = metrics
+    return out
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _rate_report(rate: int, paths: list[str], repeats: int, tfio_rates: Sequence[int],
+                 breakdown: bool) -> dict:
+    n, audio_s = len(paths), _audio_seconds(paths)
+    _log(f"{rate} Hz: {n} files, {audio_s / 60:.1f} min of audio")
+    build: dict[str, float] = {}
+    start = time.perf_counter()
+    probe = probe_dataset(paths)
+    groups = group_by_rate(probe)
+    ours = ser_tf_dataset(groups)
+    build["ser_tf"] = time.perf_counter() - start
+    start = time.perf_counter()
+    dispatch = ser_tf_dispatch_dataset(paths)
+    build["ser_tf run-time dispatch"] = time.perf_counter() - start
+    runs: dict[str, Callable[[], object]] = {
+        # Every timed pass probes the headers again: it is part of the work per pass.
+        "ser_tf": _Drain(ours, before=lambda: group_by_rate(probe)),
+        "ser_tf run-time dispatch": _Drain(dispatch),
+        "librosa": lambda: librosa_features(paths)}
+    if rate in tfio_rates:
+        start = time.perf_counter()
+        runs["tfio resample"] = _Drain(tfio_dataset(paths))
+        build["tfio resample"] = time.perf_counter() - start
+    methods = _rates(time_interleaved(runs, repeats, f"{rate} Hz "), n, audio_s, runs)
+    librosa_rate = methods["librosa"]["utt_per_s"]
+    for metrics in methods.values():
+        metrics["x_librosa"] = metrics["utt_per_s"] / librosa_rate
+        metrics["best_x_librosa"] = (metrics["best_utt_per_s"]
+                                     / methods["librosa"]["best_utt_per_s"])
+        metrics["cpu_x_librosa"] = (methods["librosa"]["cpu_ms_per_utt"]
+                                    / metrics["cpu_ms_per_utt"])
+    report = {"rate": rate, "files": n, "audio_s": audio_s, "build_s": build,
+              "methods": methods, "ratio": methods["ser_tf"]["x_librosa"],
+              "target": TARGETS.get(rate)}
+    report["met"] = None if report["target"] is None else report["ratio"] >= report["target"]
+    _log(f"{rate} Hz: ser_tf {methods['ser_tf']['utt_per_s']:.0f} utt/s, librosa "
+         f"{librosa_rate:.0f} utt/s: x{report['ratio']:.2f} (target {report['target']})")
+    if breakdown:
+        stage_runs = {name: _Drain(ds) for name, ds in _stage_datasets(paths, rate).items()}
+        stage_runs["librosa.load only"] = lambda: librosa_features(paths, features=False)
+        stage_runs["librosa.load + log-mel = librosa loop"] = lambda: librosa_features(paths)
+        report["breakdown"] = _rates(
+            time_interleaved(stage_runs, repeats, f"{rate} Hz breakdown "), n, audio_s,
+            stage_runs)
+    return report
+
+
+def pipeline_report(rates: Sequence[int] = (16000, 48000, 44100), repeats: int = 3, *,
+                    max_files: int | None = None,
+                    cache_dir: str | os.PathLike | None = None,
+                    tfio_rates: Sequence[int] = (48000,), breakdown: bool = True,
+                    quality: bool = True, num_speech_files: int = 5) -> dict:
+    """Utterances per second of the ser_tf pipeline and a librosa loop, per input rate.
+
+    Args:
+      rates: input sample rates; EmoDB's own 16 kHz files, resampled copies otherwise.
+      repeats: timed passes per contender (interleaved); medians are reported.
+      max_files: use at most this many files per rate (None: all 535).
+      cache_dir: folder for the resampled copies (default ``.bench_cache/``).
+      tfio_rates: rates at which the pipeline with ``tfio.audio.resample`` also runs
+        (slow: about 100 utt/s at 48 kHz and many times slower at 44.1 kHz).
+      breakdown: also time cumulative prefixes of the pipeline (where the time goes).
+      quality: fold in :func:`bench.resample_quality.quality_report` for every rate
+        that is resampled.
+      num_speech_files: EmoDB files for the quality report's log-mel comparison.
+
+    Returns:
+      ``{"description", "repeats", "rates": [per-rate report], "quality": [...]}``; each
+      per-rate report holds ``files``, ``audio_s``, ``build_s`` (dataset construction,
+      tracing included), ``methods`` (name -> ``utt_per_s``, ``cpu_ms_per_utt``,
+      ``x_librosa``, ``cpu_x_librosa``, ...), ``ratio`` (ser_tf / librosa, wall clock),
+      ``target``, ``met`` and optionally ``breakdown`` (stage -> the same metrics).
+    """
+    report: dict = {
+        "description": "decode + resample to 16 kHz + 64-mel log spectrogram per file",
+        "repeats": repeats, "rates": [], "quality": [],
+        "threads": {"cpu_count": os.cpu_count(),
+                    "tf_intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+                    "tf_inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
+    }
+    for rate in rates:
+        paths = corpus_files(rate, cache_dir, max_files)
+        report["rates"].append(_rate_report(rate, paths, repeats, tfio_rates, breakdown))
+    if breakdown:
+        resampled = [r for r in rates if r != TARGET_RATE]
+        report["graphs"] = map_function_graphs(resampled[0] if resampled else TARGET_RATE)
+        report["graphs_rate"] = resampled[0] if resampled else TARGET_RATE
+    if quality:
+        for rate in rates:
+            if rate != TARGET_RATE:
+                _log(f"resampler quality {rate} -> {TARGET_RATE}")
+                report["quality"].append(quality_report(rate, TARGET_RATE, num_speech_files))
+    return report
+
+
+# ------------------------------------------------------------------------- markdown
+
+
+def _rate_name(rate: int) -> str:
+    khz = f"{rate / 1000:g} kHz"
+    return f"{khz} (no resampling)" if rate == TARGET_RATE else f"{khz} -> 16 kHz"
+
+
+def _cell(metrics: dict, key: str, fmt: str) -> str:
+    value = metrics.get(key)
+    return "-" if value is None else format(value, fmt)
+
+
+def to_markdown(report: dict) -> str:
+    """Renders :func:`pipeline_report`'s result as Markdown tables."""
+    lines = [
+        "What runs: decode + resample to 16 kHz + 64-mel log spectrogram (25 ms / 10 ms), "
+        "per file. **ser_tf** (as `decode_corpus` does it): a tf.data pass reading each "
+        "file's rate from its header (`audio_rate`), then per rate `tf.data` of paths -> "
+        "`map(load_waveform(path, config, rate=r), AUTOTUNE)` (AudioConfig 16 kHz, no "
+        "trimming, no normalisation; a resampler built for that rate) -> "
+        "`map(LogMelFrontend, AUTOTUNE)` -> `prefetch`; both passes timed. **ser_tf "
+        "run-time dispatch**: `load_waveform(path, config)` finding the rate in-graph (no "
+        "probe pass). **tfio resample**: that with `tfio.audio.resample`. "
+        "**librosa**: `librosa.load(sr=16000, res_type='soxr_hq')` + "
+        "`melspectrogram(n_fft=512, win_length=400, hop_length=160, n_mels=64)` + log in "
+        "a Python loop.",
+        "",
+        "What is timed: one pass over the files, iterator creation to the last feature "
+        "matrix fetched by a Python `for` loop; no `Dataset.cache`, files in the OS page "
+        "cache for all (an untimed warm-up pass of each runs first). "
+        f"{report['rates'][0]['files'] if report['rates'] else 0} files per rate. "
+        f"utt/s: medians of {report['repeats']} passes, contenders interleaved; the verdict "
+        "is on this median ratio. Best pass: the fastest of those passes (other jobs only "
+        "add time, so best passes are the nearest to a quiet machine). CPU ms/utt is "
+        "process CPU time (all threads) per file: steadier than wall time when other "
+        "jobs share the cores, since librosa uses one core and tf.data all it gets. "
+        "Pass start-up: creating the iterator and getting the first element (tf.data "
+        "instantiates its map functions again for every new iterator, so every pass pays "
+        "it); the last column is the rate once the pass is running.",
+        "",
+        "| input | pipeline | utt/s | x librosa | target | verdict | CPU ms/utt "
+        "| x librosa (CPU) | best pass utt/s | x librosa (best passes) | pass start-up s "
+        "| utt/s after start-up |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for rate_report in report["rates"]:
+        rate, target = rate_report["rate"], rate_report["target"]
+        for name, m in rate_report["methods"].items():
+            if name == "ser_tf" and target is not None:
+                verdict = "**met**" if rate_report["met"] else "**not met**"
+                target_cell = f">= {target:g}x"
+            else:
+                verdict, target_cell = "", ""
+            lines.append(
+                f"| {_rate_name(rate)} | {name} | {m['utt_per_s']:.0f} "
+                f"| {m['x_librosa']:.2f}x | {target_cell} | {verdict} "
+                f"| {m['cpu_ms_per_utt']:.2f} | {m['cpu_x_librosa']:.2f}x "
+                f"| {m['best_utt_per_s']:.0f} | {m['best_x_librosa']:.2f}x "
+                f"| {_cell(m, 'startup_s', '.2f')} | {_cell(m, 'steady_utt_per_s', '.0f')} |")
+    builds = "; ".join(
+        f"{r['rate'] / 1000:g} kHz: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in r["build_s"].items())
+        for r in report["rates"])
+    lines += ["", f"Dataset construction (tracing the map functions), not in the timings: "
+              f"{builds}."]
+
+    with_breakdown = [r for r in report["rates"] if "breakdown" in r]
+    if with_breakdown:
+        lines += [
+            "", "#### Where the time goes",
+            "",
+            "Cumulative prefixes of the ser_tf pipeline (each row adds one step to the row "
+            "above it; the CPU difference between rows is that step's cost), and librosa's "
+            "load alone, timed like the table above. The last column leaves out the pass "
+            "start-up (its CPU time too): the per-file cost once the pass runs.",
+            "",
+            "| input | stage | utt/s | CPU ms/utt | pass start-up s "
+            "| CPU ms/utt after start-up |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for r in with_breakdown:
+            for stage, m in r["breakdown"].items():
+                lines.append(f"| {_rate_name(r['rate'])} | {stage} | {m['utt_per_s']:.0f} "
+                             f"| {m['cpu_ms_per_utt']:.2f} | {_cell(m, 'startup_s', '.2f')} "
+                             f"| {_cell(m, 'steady_cpu_ms_per_utt', '.2f')} |")
+
+    graphs = report.get("graphs")
+    if graphs:
+        lines += [
+            "", f"Map-function graphs (traced as `tf.function` of a path; first call = "
+            f"instantiation + one {report['graphs_rate'] / 1000:g} kHz file, paid again by "
+            "each new tf.data iterator):", "",
+            "| function | nested functions | nodes | GraphDef MB | first call s "
+            "| next call ms |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, g in graphs.items():
+            lines.append(f"| {name} | {g['functions']} | {g['nodes']} | "
+                         f"{g['graphdef_mb']:.2f} | {g['first_call_s']:.2f} "
+                         f"| {g['next_call_ms']:.1f} |")
+
+    for q in report.get("quality", []):
+        methods = list(q["methods"])
+        lines += [
+            "", f"#### Resampler quality {q['rate_in'] / 1000:g} kHz -> "
+            f"{q['rate_out'] / 1000:g} kHz (`bench.resample_quality.quality_report`)", "",
+            "| metric | " + " | ".join(methods) + " |",
+            "|---|" + "---:|" * len(methods),
+        ]
+        for key in QUALITY_METRICS:
+            if not any(key in q["methods"][m] for m in methods):
+                continue
+            cells = []
+            for m in methods:
+                value = q["methods"][m].get(key)
+                cells.append("-" if value is None else (
+                    f"{value:.4f}" if "corr" in key else f"{value:.3g}"))
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        lines += ["", f"Notes: {q['notes']}. alias_db_*: level of tones above 8 kHz "
+                  "after conversion (dB re. the tone, lower is better); delay_ms: group "
+                  "delay of the output."]
+    return "\n".join(lines)
