@@ -75,6 +75,16 @@ def _allowed(values: Iterable[str]) -> str:
     return ", ".join(sorted(values))
 
 
+def _check_codes(corpus: str, path: Path, checks: Iterable[tuple[str, str, Iterable[str]]]
+                 ) -> None:
+    """Raises a LabelError naming the file for the first ``(field, value, allowed)`` whose
+    value is not allowed."""
+    for field, value, allowed in checks:
+        if value not in allowed:
+            raise LabelError(f"{corpus}: unknown {field} {value!r} in {path}; "
+                             f"allowed: {_allowed(allowed)}")
+
+
 def _check_dir(data_dir: PathLike, corpus: str, layout: str) -> Path:
     """Returns ``data_dir`` as an absolute Path, or raises a FileNotFoundError that explains
     which corpus was being read and what layout was expected."""
@@ -161,12 +171,8 @@ def emodb(data_dir: PathLike) -> list[Utterance]:
                 f"emodb: file name {path} does not follow the EmoDB convention "
                 "SSTTTEV (speaker, text, emotion, version), e.g. 03a01Fa.wav")
         speaker, _, code, _ = match.groups()
-        if code not in EMODB_EMOTIONS:
-            raise LabelError(f"emodb: unknown emotion code {code!r} in {path}; "
-                             f"allowed: {_allowed(EMODB_EMOTIONS)}")
-        if speaker not in EMODB_SPEAKERS:
-            raise LabelError(f"emodb: unknown speaker id {speaker!r} in {path}; "
-                             f"allowed: {_allowed(EMODB_SPEAKERS)}")
+        _check_codes("emodb", path, (("emotion code", code, EMODB_EMOTIONS),
+                                     ("speaker id", speaker, EMODB_SPEAKERS)))
         utterances.append(Utterance(path=_abspath(path), emotion=EMODB_EMOTIONS[code],
                                     speaker=speaker, gender=EMODB_SPEAKERS[speaker],
                                     language="de", corpus="emodb"))
@@ -221,13 +227,10 @@ def ravdess(data_dir: PathLike) -> list[Utterance]:
                 "MM-VV-EE-II-SS-RR-AA (modality, vocal channel, emotion, intensity, "
                 "statement, repetition, actor), e.g. 03-01-05-01-02-01-12.wav")
         modality, channel, code, intensity, _, _, actor = match.groups()
-        for field, value, allowed in (("modality", modality, _RAVDESS_MODALITIES),
-                                      ("vocal channel", channel, _RAVDESS_CHANNELS),
-                                      ("emotion", code, RAVDESS_EMOTIONS),
-                                      ("intensity", intensity, _RAVDESS_INTENSITIES)):
-            if value not in allowed:
-                raise LabelError(f"ravdess: unknown {field} code {value!r} in {path}; "
-                                 f"allowed: {_allowed(allowed)}")
+        _check_codes("ravdess", path, (("modality code", modality, _RAVDESS_MODALITIES),
+                                       ("vocal channel code", channel, _RAVDESS_CHANNELS),
+                                       ("emotion code", code, RAVDESS_EMOTIONS),
+                                       ("intensity code", intensity, _RAVDESS_INTENSITIES)))
         if actor == "00":
             raise LabelError(f"ravdess: actor 00 in {path}; actors are numbered from 01")
         # Video files are counted as video even when they are song: they are dropped either way.
@@ -313,12 +316,8 @@ def cremad(data_dir: PathLike) -> list[Utterance]:
                 f"cremad: file name {path} does not follow the CREMA-D convention "
                 "AAAA_SSS_EEE_LL (actor, sentence, emotion, level), e.g. 1001_DFA_ANG_XX.wav")
         actor, _, code, level = match.groups()
-        if code not in CREMAD_EMOTIONS:
-            raise LabelError(f"cremad: unknown emotion code {code!r} in {path}; "
-                             f"allowed: {_allowed(CREMAD_EMOTIONS)}")
-        if level not in _CREMAD_LEVELS:
-            raise LabelError(f"cremad: unknown level code {level!r} in {path}; "
-                             f"allowed: {_allowed(_CREMAD_LEVELS)}")
+        _check_codes("cremad", path, (("emotion code", code, CREMAD_EMOTIONS),
+                                      ("level code", level, _CREMAD_LEVELS)))
         utterances.append(Utterance(path=_abspath(path), emotion=CREMAD_EMOTIONS[code],
                                     speaker=actor, gender=genders.get(actor, "unknown"),
                                     language="en", corpus="cremad"))
@@ -380,12 +379,8 @@ def tess(data_dir: PathLike) -> list[Utterance]:
         speaker, _, code = match.groups()
         speaker, code = speaker.upper(), code.lower()
         code = _TESS_ALIASES.get(code, code)
-        if speaker not in TESS_SPEAKERS:
-            raise LabelError(f"tess: unknown speaker {speaker!r} in {path}; "
-                             f"allowed: {_allowed(TESS_SPEAKERS)}")
-        if code not in TESS_EMOTIONS:
-            raise LabelError(f"tess: unknown emotion code {code!r} in {path}; "
-                             f"allowed: {_allowed(TESS_EMOTIONS)}")
+        _check_codes("tess", path, (("speaker", speaker, TESS_SPEAKERS),
+                                    ("emotion code", code, TESS_EMOTIONS)))
         key = path.name.lower()
         if key in seen:
             duplicates += 1
