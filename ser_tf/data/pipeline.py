@@ -495,8 +495,3 @@ def _extend(wave: tf.Tensor, length: int, pad_mode: str) -> tf.Tensor:
     if pad_mode == "zero":
         return tf.pad(wave, [[0, tf.maximum(0, length - n)]])
     raise ValueError(f"pad_mode must be loop or zero, got {pad_mode!r}")
-
-
-def num_batches(n: int, batch_size: int) -> int:
-    """Batches needed for ``n`` examples."""
-    return math.ceil(n / batch_size)

@@ -80,8 +80,9 @@ class ExperimentConfig:
     verbose: int = 2
 
 
-def list_utterances(cfg: ExperimentConfig) -> list[corpora.Utterance]:
-    """The corpus's utterances after class selection (generating synthetic data if needed)."""
+def list_utterances(cfg: ExperimentConfig) -> tuple[list[corpora.Utterance], tuple[str, ...]]:
+    """The corpus's utterances after class selection (generating synthetic data if needed),
+    and the classes in label-index order."""
     if cfg.corpus == "synthetic":
         from ser_tf.data.synthetic import generate_corpus
 
@@ -94,7 +95,9 @@ def list_utterances(cfg: ExperimentConfig) -> list[corpora.Utterance]:
             raise ValueError(f"--data_dir is required for corpus {cfg.corpus!r}")
         utterances = corpora.load_corpus(cfg.corpus, cfg.data_dir)
     classes = corpora.resolve_classes(cfg.classes or None, utterances)
-    return corpora.select_classes(utterances, classes, corpora.parse_merge(cfg.merge) or None)
+    selected = corpora.select_classes(utterances, classes,
+                                      corpora.parse_merge(cfg.merge) or None)
+    return selected, classes
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
@@ -110,8 +113,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         raise ValueError("model and audio sample rates differ")
     os.makedirs(cfg.workdir, exist_ok=True)
     start = time.time()
-    utterances = list_utterances(cfg)
-    classes = corpora.resolve_classes(cfg.classes or None, utterances)
+    utterances, classes = list_utterances(cfg)
     log.info("corpus %s: %s", cfg.corpus, corpora.summarize(utterances))
     decoded = decode_corpus(utterances, cfg.audio, on_bad_audio=cfg.on_bad_audio,
                             progress=cfg.verbose == 1)

@@ -133,6 +133,7 @@ class _FoldTrainer:
         self.state = {"epoch": 0, "best_uar": -1.0, "best_epoch": -1, "wait": 0,
                       "history": [], "train_seconds": 0.0}
         self.val_writer = tf.summary.create_file_writer(os.path.join(workdir, "tb", "val"))
+        self._eval_sets: dict[tuple[int, ...], tuple[tf.data.Dataset, int]] = {}
         self._epoch_start = time.time()
 
     # -- setup -------------------------------------------------------------------------------
@@ -202,9 +203,14 @@ class _FoldTrainer:
 
     # -- evaluation ----------------------------------------------------------------------------
     def predict(self, indices: Sequence[int], desc: str) -> np.ndarray:
-        ds, n_win = evaluation_dataset(self.corpus, indices, segment_samples=self.segment,
-                                       hop_samples=self.hop, batch_size=64,
-                                       pad_mode=self.cfg.pad_mode, norm_stats=self.norm_stats)
+        # Built once per split: validation runs every epoch and rebuilding meant recomputing
+        # the window table and retracing the window function each time.
+        key = tuple(indices)
+        if key not in self._eval_sets:
+            self._eval_sets[key] = evaluation_dataset(
+                self.corpus, indices, segment_samples=self.segment, hop_samples=self.hop,
+                batch_size=64, pad_mode=self.cfg.pad_mode, norm_stats=self.norm_stats)
+        ds, n_win = self._eval_sets[key]
         return predict_utterances(self.forward, ds, len(indices), n_win,
                                   progress=self.verbose == 1, desc=desc)
 
@@ -219,8 +225,7 @@ class _FoldTrainer:
         val, _ = self.evaluate(self.fold.val, "validating") if self.fold.val else ({}, None)
         uar = val.get("uar", float(logs.get("accuracy", 0.0)))
         self.state["train_seconds"] += time.time() - self._epoch_start
-        lr = float(keras.ops.convert_to_numpy(
-            self.model.optimizer.learning_rate)) if hasattr(self.model, "optimizer") else 0.0
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         entry = {"epoch": epoch + 1, "loss": float(logs.get("loss", np.nan)),
                  "accuracy": float(logs.get("accuracy", np.nan)), "val_uar": uar,
                  "val_accuracy": val.get("accuracy"), "learning_rate": lr}
