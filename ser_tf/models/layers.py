@@ -7,6 +7,8 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
+from ser_tf.frontend import dct_matrix, deltas
+
 
 def conv_block(filters: int, kernel: int, pool: tuple[int, int], name: str) -> list:
     """Conv2D (no bias) -> BatchNorm -> ReLU -> MaxPool, as a list of layers."""
@@ -91,4 +93,99 @@ class ChunkEncoder(keras.layers.Layer):
         config.update(chunk_frames=self.chunk_frames, hop_frames=self.hop_frames,
                       filters=self.filters, kernel_sizes=self.kernel_sizes, units=self.units,
                       dropout=self.dropout)
+        return config
+
+
+STATISTICS = ("mean", "std", "min", "max", "p10", "p50", "p90", "iqr", "skew", "kurtosis",
+              "slope")
+
+
+@keras.saving.register_keras_serializable(package="ser_tf")
+class UtteranceStatistics(keras.layers.Layer):
+    """Statistical functionals over time of frame-level descriptors (openSMILE-style).
+
+    ``[batch, frames, bins, C]`` normalised features -> ``[batch, D]``. The frame-level
+    descriptors are the static channel's ``bins`` values, ``n_cepstra`` cepstral
+    coefficients (an orthonormal DCT of them), the cepstra's regression deltas and the
+    frame's mean level; each is summarised over time by every statistic in ``statistics``.
+    Utterance-level functionals of spectral and cepstral descriptors are what the strongest
+    classical SER systems classify (ComParE feature sets with a linear SVM); computed here
+    from the model's own features, they are differentiable end to end (percentiles through
+    ``tf.sort``), so waveform attacks see the true gradient.
+
+    Args:
+      n_cepstra: cepstral coefficients (0: none, and no deltas).
+      statistics: names from :data:`STATISTICS`.
+    """
+
+    def __init__(self, n_cepstra: int = 20, statistics: Sequence[str] = STATISTICS, **kwargs):
+        super().__init__(**kwargs)
+        unknown = sorted(set(statistics) - set(STATISTICS))
+        if unknown or not statistics:
+            raise ValueError(f"unknown statistics {unknown}; choose from {STATISTICS}")
+        self.n_cepstra = int(n_cepstra)
+        self.statistics = [str(s) for s in statistics]
+
+    def build(self, input_shape):
+        bins = input_shape[2]
+        if bins is None:
+            raise ValueError(f"bins must be known, got input shape {input_shape}")
+        if self.n_cepstra > bins:
+            raise ValueError(f"n_cepstra={self.n_cepstra} exceeds the {bins} feature bins")
+        self._dct = tf.constant(dct_matrix(bins, self.n_cepstra)) if self.n_cepstra else None
+        super().build(input_shape)
+
+    def descriptors(self, features: tf.Tensor) -> tf.Tensor:
+        """Frame-level descriptors ``[batch, frames, D0]`` from ``[batch, frames, bins, C]``."""
+        static = features[..., 0]
+        parts = [static, tf.reduce_mean(static, axis=-1, keepdims=True)]
+        if self._dct is not None:
+            cepstra = tf.matmul(static, self._dct)
+            parts += [cepstra, deltas(cepstra)]
+        return tf.concat(parts, axis=-1)
+
+    def call(self, features: tf.Tensor) -> tf.Tensor:
+        x = self.descriptors(features)
+        frames = tf.cast(tf.shape(x)[1], x.dtype)
+        mean = tf.reduce_mean(x, axis=1)
+        centered = x - mean[:, None]
+        var = tf.reduce_mean(centered ** 2, axis=1)
+        std = tf.sqrt(var + 1e-6)
+        z = centered / std[:, None]
+        ordered = tf.sort(x, axis=1)
+
+        def percentile(q: float) -> tf.Tensor:
+            index = tf.cast(tf.round(q * (frames - 1.0)), tf.int32)
+            return tf.gather(ordered, index, axis=1)
+
+        t = tf.range(frames, dtype=x.dtype)
+        t = (t - tf.reduce_mean(t)) / tf.maximum(tf.math.reduce_std(t), 1.0)
+        values = {
+            "mean": lambda: mean,
+            "std": lambda: std,
+            "min": lambda: ordered[:, 0],
+            "max": lambda: ordered[:, -1],
+            "p10": lambda: percentile(0.1),
+            "p50": lambda: percentile(0.5),
+            "p90": lambda: percentile(0.9),
+            "iqr": lambda: percentile(0.75) - percentile(0.25),
+            # Higher moments of standardised values, squashed so that a near-constant
+            # descriptor (std ~ 0) cannot produce huge inputs.
+            "skew": lambda: tf.tanh(tf.reduce_mean(z ** 3, axis=1) / 3.0),
+            "kurtosis": lambda: tf.tanh((tf.reduce_mean(z ** 4, axis=1) - 3.0) / 10.0),
+            "slope": lambda: tf.reduce_mean(centered * t[None, :, None], axis=1),
+        }
+        return tf.concat([values[name]() for name in self.statistics], axis=-1)
+
+    def output_size(self, bins: int) -> int:
+        """Length of the output vector for ``bins`` feature bins."""
+        per = bins + 1 + 2 * self.n_cepstra
+        return per * len(self.statistics)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.output_size(input_shape[2]))
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(n_cepstra=self.n_cepstra, statistics=self.statistics)
         return config

@@ -10,7 +10,7 @@ import keras
 from ser_tf.frontend import FeatureNormalization, LogMelFrontend, SpecAugment
 from ser_tf.models.base import SERModel
 from ser_tf.models.cnn import cnn_classifier
-from ser_tf.models.cnn_lstm import cnn_lstm_classifier
+from ser_tf.models.cnn_lstm import cnn_lstm_classifier, functionals_classifier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +36,9 @@ class ModelConfig:
       lstm_units: CNN-LSTM units per direction.
       dense_units: CNN hidden dense width.
       dropout: dropout rate.
+      statistics: CNN-LSTM: add the utterance-functionals branch.
+      n_cepstra: cepstral coefficients of the functionals' descriptors.
+      stats_dropout: dropout on the standardised functionals.
     """
 
     name: str = "cnn_lstm"
@@ -56,13 +59,22 @@ class ModelConfig:
     lstm_units: int = 64
     dense_units: int = 64
     dropout: float = 0.3
+    statistics: bool = False
+    n_cepstra: int = 20
+    stats_dropout: float = 0.5
 
 
 def _cnn_lstm(cfg: ModelConfig, num_classes: int, bins: int, channels: int) -> keras.Model:
     return cnn_lstm_classifier(num_classes, bins, channels, chunk_frames=cfg.chunk_frames,
                                hop_frames=cfg.hop_frames, conv_filters=cfg.conv_filters,
                                chunk_units=cfg.chunk_units, lstm_units=cfg.lstm_units,
-                               dropout=cfg.dropout)
+                               dropout=cfg.dropout, statistics=cfg.statistics,
+                               n_cepstra=cfg.n_cepstra, stats_dropout=cfg.stats_dropout)
+
+
+def _functionals(cfg: ModelConfig, num_classes: int, bins: int, channels: int) -> keras.Model:
+    return functionals_classifier(num_classes, bins, channels, n_cepstra=cfg.n_cepstra,
+                                  dropout=cfg.stats_dropout)
 
 
 def _cnn(cfg: ModelConfig, num_classes: int, bins: int, channels: int) -> keras.Model:
@@ -71,7 +83,8 @@ def _cnn(cfg: ModelConfig, num_classes: int, bins: int, channels: int) -> keras.
 
 
 ClassifierFn = Callable[[ModelConfig, int, int, int], keras.Model]
-MODELS: dict[str, ClassifierFn] = {"cnn_lstm": _cnn_lstm, "cnn": _cnn}
+MODELS: dict[str, ClassifierFn] = {"cnn_lstm": _cnn_lstm, "cnn": _cnn,
+                                   "functionals": _functionals}
 
 
 def build_model(config: ModelConfig, labels: Sequence[str], seed: int | None = None) -> SERModel:
