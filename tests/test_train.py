@@ -69,6 +69,22 @@ def test_run_writes_every_output_and_is_deterministic(manifest, tmp_path):
     assert again["history"] == a["history"]
 
 
+def test_refit_retrains_on_validation_speakers_for_the_selected_epochs(manifest, tmp_path):
+    m = run_experiment(_config(manifest, tmp_path, epochs=3, refit=True))
+    refit_state = json.loads((tmp_path / "refit" / "checkpoints" / "state.json").read_text())
+    assert m["refit_epochs"] == m["best_epoch"] == len(refit_state["history"])
+    assert m["n_refit_train"] == m["n_train"] + m["n_val"]
+    assert len(m["history"]) == 3  # the selection run's history is what metrics keep
+    # The refit model is the one saved, not the selection run's best epoch.
+    saved = keras.models.load_model(tmp_path / "model.keras", safe_mode=True)
+    x = np.random.default_rng(0).standard_normal((2, 8000)).astype(np.float32) * 0.1
+    for run, expect_equal in (("refit", True), ("", False)):
+        other = keras.models.load_model(tmp_path / "model.keras", safe_mode=True)
+        other.load_weights(tmp_path / run / "checkpoints" / "best.weights.h5")
+        same = np.allclose(other(x).numpy(), saved(x).numpy(), atol=1e-6)
+        assert same == expect_equal, run
+
+
 def test_loso_writes_fold_workdirs_and_summary(manifest, tmp_path):
     cfg = dataclasses.replace(_config(manifest, tmp_path, epochs=1), protocol="loso")
     m = run_experiment(cfg)

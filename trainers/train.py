@@ -51,7 +51,8 @@ flags.DEFINE_integer("val_speakers", 2, "Validation speakers per fold (from trai
                      "speakers), for early stopping.")
 flags.DEFINE_list("fold", [], "Train only these folds (e.g. fold_03); empty: all.")
 # -- model ---------------------------------------------------------------------------------
-flags.DEFINE_enum("model", "cnn_lstm", ["cnn_lstm", "cnn"], "Model architecture.")
+flags.DEFINE_enum("model", "cnn_lstm", ["cnn_lstm", "cnn", "functionals"],
+                  "Model architecture.")
 flags.DEFINE_float("segment_s", 3.0, "Model input length in seconds (training crops and "
                    "evaluation windows).")
 flags.DEFINE_integer("n_mels", 64, "Mel bands.")
@@ -70,6 +71,11 @@ flags.DEFINE_integer("chunk_units", 128, "CNN-LSTM: chunk embedding size.")
 flags.DEFINE_integer("lstm_units", 64, "CNN-LSTM: LSTM units per direction.")
 flags.DEFINE_integer("dense_units", 64, "CNN: hidden dense units.")
 flags.DEFINE_float("dropout", 0.3, "Dropout rate.")
+flags.DEFINE_bool("statistics", False, "CNN-LSTM: add an utterance-functionals branch "
+                  "(mean, std, percentiles, moments, slope of spectral and cepstral "
+                  "descriptors) read by the output layer beside the BiLSTM.")
+flags.DEFINE_integer("n_cepstra", 20, "Cepstral coefficients of the functionals' descriptors.")
+flags.DEFINE_float("stats_dropout", 0.5, "Dropout on the standardised functionals.")
 # -- training ------------------------------------------------------------------------------
 flags.DEFINE_enum("trainer", "standard", ["standard"], "Training method.")
 flags.DEFINE_integer("epochs", 40, "Maximum epochs.")
@@ -89,6 +95,8 @@ flags.DEFINE_float("aug_noise_prob", 0.5, "Probability of adding noise.")
 flags.DEFINE_float("aug_shift_s", 0.0, "Random circular time shift (s).")
 flags.DEFINE_list("aug_speed", [], "Speed-perturbation factors drawn per crop, e.g. "
                   "0.9,1.0,1.1 (empty: off).")
+flags.DEFINE_bool("refit", False, "After early stopping, retrain on training + validation "
+                  "speakers for the selected number of epochs and report that model.")
 flags.DEFINE_bool("speaker_norm", False, "Per-speaker feature normalisation with each "
                   "speaker's own unlabelled audio, test speakers included (NOT strict; "
                   "labelled as such in metrics.json).")
@@ -123,7 +131,9 @@ def build_config():
                         conv_filters=tuple(int(f) for f in FLAGS.conv_filters),
                         chunk_frames=FLAGS.chunk_frames, hop_frames=FLAGS.chunk_hop,
                         chunk_units=FLAGS.chunk_units, lstm_units=FLAGS.lstm_units,
-                        dense_units=FLAGS.dense_units, dropout=FLAGS.dropout)
+                        dense_units=FLAGS.dense_units, dropout=FLAGS.dropout,
+                        statistics=FLAGS.statistics, n_cepstra=FLAGS.n_cepstra,
+                        stats_dropout=FLAGS.stats_dropout)
     augment = AugmentConfig(gain_db=FLAGS.aug_gain_db, noise_snr_db=snr or None,
                             noise_prob=FLAGS.aug_noise_prob, shift_s=FLAGS.aug_shift_s,
                             speed=tuple(float(f) for f in FLAGS.aug_speed))
@@ -132,7 +142,8 @@ def build_config():
                         warmup_epochs=FLAGS.warmup_epochs, patience=FLAGS.patience,
                         class_weighting=FLAGS.class_weighting, seed=FLAGS.seed,
                         eval_hop_s=FLAGS.eval_hop_s, pad_mode=FLAGS.pad_mode, augment=augment,
-                        deterministic=FLAGS.deterministic, speaker_norm=FLAGS.speaker_norm)
+                        deterministic=FLAGS.deterministic, speaker_norm=FLAGS.speaker_norm,
+                        refit=FLAGS.refit)
     return ExperimentConfig(
         workdir=FLAGS.workdir, corpus=FLAGS.corpus, data_dir=FLAGS.data_dir,
         classes=FLAGS.classes, merge=FLAGS.merge, protocol=FLAGS.protocol,
