@@ -3,30 +3,37 @@
 The work, per file: decode, resample to 16 kHz, 64-band log-mel spectrogram (25 ms
 window, 10 ms hop). The contenders:
 
-* ``ser_tf``: the way ``decode_corpus`` decodes: a first tf.data pass reads every
-  file's sample rate from its header (``audio_rate``), then, per rate, a
-  ``tf.data.Dataset`` of paths ->
-  ``map(load_waveform(path, AudioConfig(16000, trim_db=None, normalize="none"),
-  rate=r), AUTOTUNE)`` (a resampler built for that rate), the groups concatenated ->
-  ``map(LogMelFrontend on each waveform, AUTOTUNE)`` -> ``prefetch``; both passes are
-  timed;
-* ``ser_tf run-time dispatch``: the same with ``load_waveform(path, config)``, which
-  finds the rate per file in-graph and dispatches over the common rates (what a one-off
-  file gets; no probe pass);
+* ``ser_tf``: what ``decode_corpus`` runs, minus its ``Dataset.cache``: each file's header
+  is read in Python (``group_by_header``: sample rate and WAV sample format, a few bytes
+  per file), then ``decoding_dataset(paths, groups, AudioConfig(16000, trim_db=None,
+  normalize="none"))``: per group of alike files a ``tf.data.Dataset`` of paths ->
+  ``map(load_waveform(path, config, rate=r, wav_format=f), AUTOTUNE)`` (tfio's WAV
+  decoder for that sample format alone and a resampler built for that rate; the
+  format-sniffing decoder for other containers) -> ``ignore_errors``, the groups
+  concatenated; then ``map(LogMelFrontend on each waveform, AUTOTUNE)`` -> ``prefetch``.
+  The header reading is timed in every pass;
+* ``ser_tf run-time dispatch``: ``load_waveform(path, config)``, which sniffs the format
+  and finds the rate per file in-graph and dispatches over the common rates (what a
+  one-off file gets; no header reading in Python), then the same log-mel map;
 * ``tfio resample``: the dispatch pipeline with ``tfio.audio.resample`` in place of the
   ser_tf resampler (what a user of tensorflow-io alone gets);
 * ``librosa``: ``librosa.load(path, sr=16000, res_type="soxr_hq")`` +
   ``librosa.feature.melspectrogram`` + log in a plain Python loop (what a user writes).
 
-What is timed: one full pass over the files, from creating the iterator to the last
-feature matrix in Python's hands (each element fetched by a ``for`` loop, as a user's
-loop or a custom training loop would). The pass is a first pass in the sense that
-nothing is cached between files or passes by the pipeline (no ``Dataset.cache``); the
-files themselves are in the OS page cache for every contender, because an untimed
-warm-up pass of each runs first (it also absorbs tracing, tf.data autotuning and
-librosa's lazy imports). Building the datasets (tracing the map functions) is timed
-separately. Passes of the contenders are interleaved round-robin, in a rotating order,
-and medians are reported, so a busy spell on the shared machine hits all of them.
+The log-mel spectrogram is computed per utterance (a batch of one) by every ser_tf
+contender: computing it on padded or packed batches of waveforms was measured and did not
+lower the CPU time per utterance (the cost is per frame: the FFTs) while the batching
+step stalled the pipeline.
+
+What is timed: one full pass over the files, from the header reading (ser_tf) or the
+creation of the iterator to the last feature matrix in Python's hands (each element
+fetched by a ``for`` loop, as a user's loop or a custom training loop would). The pass is
+a first pass in the sense that nothing is cached between files or passes by the pipeline
+(no ``Dataset.cache``); the files themselves are in the OS page cache for every
+contender, because an untimed warm-up pass of each runs first (it also absorbs tf.data
+autotuning and librosa's lazy imports). Building the datasets (tracing the map functions)
+is timed separately. Passes of the contenders are interleaved round-robin, in a rotating
+order, and medians are reported, so a busy spell on the shared machine hits all of them.
 
 Besides wall-clock utterances per second, the report gives the process's CPU time per
 utterance (all threads; TF's idle worker threads spin, so this slightly overstates TF's
@@ -55,8 +62,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 from bench.resample_quality import EMODB_WAV_DIR, make_resampled_copies, quality_report  # noqa: E402,E501
-from ser_tf.data.audio import (AudioConfig, audio_rate, decode_audio, load_waveform,  # noqa: E402
-                               to_mono)
+from ser_tf.data.audio import (AudioConfig, decode_audio, decode_wav,  # noqa: E402
+                               load_waveform, to_mono)
+from ser_tf.data.pipeline import DecodeGroup, decoding_dataset, group_by_header  # noqa: E402
 from ser_tf.frontend import LogMelFrontend  # noqa: E402
 
 TARGET_RATE = 16000
@@ -145,42 +153,18 @@ def _config() -> AudioConfig:
     return AudioConfig(sample_rate=TARGET_RATE, trim_db=None, normalize="none")
 
 
-def probe_dataset(paths: Sequence[str]) -> tf.data.Dataset:
-    """``(path, sample rate)`` of every file from its header alone (``audio_rate``)."""
-    return tf.data.Dataset.from_tensor_slices(list(paths)).map(
-        lambda path: (path, audio_rate(path)), num_parallel_calls=AUTOTUNE)
-
-
-def group_by_rate(probe: tf.data.Dataset) -> dict[int, list[str]]:
-    """Runs a :func:`probe_dataset` and groups the paths by sample rate."""
-    groups: dict[int, list[str]] = {}
-    for path, rate in probe.as_numpy_iterator():
-        groups.setdefault(int(rate), []).append(path.decode())
-    return {rate: groups[rate] for rate in sorted(groups)}
-
-
-def ser_tf_dataset(groups: dict[int, list[str]]) -> tf.data.Dataset:
-    """The ser_tf pipeline as ``decode_corpus`` runs it: log-mel ``[frames, 64, 1]`` per file.
-
-    Files are decoded group by group, each rate with ``load_waveform(path, config,
-    rate=r)``, i.e. a resampler built for that rate alone (the graph tf.data instantiates
-    stays small), and the groups are concatenated.
+def ser_tf_dataset(paths: Sequence[str], groups: Sequence[DecodeGroup]) -> tf.data.Dataset:
+    """The ser_tf pipeline as ``decode_corpus`` runs it, uncached, plus log-mel per file.
 
     Args:
-      groups: paths by sample rate, from :func:`group_by_rate`.
+      paths: the files.
+      groups: the files grouped by their headers (:func:`group_by_header`).
+
+    Returns:
+      A dataset of log-mel ``[frames, 64, 1]``, one per file.
     """
-    config = _config()
-
-    def load(rate: int):
-        return lambda path: load_waveform(path, config, rate=rate)
-
-    parts = [tf.data.Dataset.from_tensor_slices(paths).map(load(rate),
-                                                           num_parallel_calls=AUTOTUNE)
-             for rate, paths in groups.items()]
-    ds = parts[0]
-    for part in parts[1:]:
-        ds = ds.concatenate(part)
-    return _with_log_mel(ds, _frontend()).prefetch(AUTOTUNE)
+    decoded = decoding_dataset(paths, groups, _config()).map(lambda index, wave: wave)
+    return _with_log_mel(decoded, _frontend()).prefetch(AUTOTUNE)
 
 
 def ser_tf_dispatch_dataset(paths: Sequence[str]) -> tf.data.Dataset:
@@ -243,8 +227,8 @@ class _Drain:
         """
         Args:
           ds: the dataset.
-          before: work that belongs to every pass and runs first (the rate probe); it
-            counts in the pass's time and in its start-up.
+          before: work that belongs to every pass and runs first (ser_tf's header
+            reading); it counts in the pass's time and in its start-up.
         """
         self.ds = ds
         self.before = before
@@ -269,7 +253,8 @@ def _stage_datasets(paths: Sequence[str], rate: int) -> dict[str, tf.data.Datase
     """Cumulative prefixes of the ser_tf pipeline, to see where its time goes.
 
     Each stage is the previous one plus one step; the differences between consecutive
-    stages (in CPU ms per utterance) are the cost of each step.
+    stages (in CPU ms per utterance) are the cost of each step. Every file here is 16-bit
+    PCM WAV.
     """
     import tensorflow_io as tfio
 
@@ -280,22 +265,22 @@ def _stage_datasets(paths: Sequence[str], rate: int) -> dict[str, tf.data.Datase
         return source.map(fn, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
     def raw_decode(path):
-        # The floor: tfio's WAV decoder alone, format and sample type known in advance
-        # (every file here is 16-bit PCM).
-        return tf.cast(tfio.audio.decode_wav(tf.io.read_file(path), dtype=tf.int16),
-                       tf.float32) / 32768.0
+        # The floor: tfio's WAV decoder alone, samples left as int16.
+        return tfio.audio.decode_wav(tf.io.read_file(path), dtype=tf.int16)
 
-    stages = {
-        "read + tfio decode_wav (floor)": mapped(raw_decode),
-        "audio_rate (header probe only)": mapped(audio_rate),
-        "decode_audio (format sniffing, header)": mapped(lambda p: decode_audio(p)[0]),
-        "load_waveform, rate known (static resampler, checks)": mapped(
-            lambda p: load_waveform(p, config, rate=rate)),
-        "+ log-mel (ser_tf without the probe)": ser_tf_dataset({rate: list(paths)}),
+    groups = group_by_header(paths)
+    return {
+        "read + tfio decode_wav, int16 (floor)": mapped(raw_decode),
+        "decode_wav (float32, format from the header)": mapped(
+            lambda p: decode_wav(p, "pcm16")),
+        "load_waveform, rate and format known (= decoding_dataset)": (
+            decoding_dataset(paths, groups, config).prefetch(AUTOTUNE)),
+        "+ log-mel (= ser_tf without the header reading)": ser_tf_dataset(paths, groups),
+        "decode_audio (format sniffing, in-graph header parsing)": mapped(
+            lambda p: decode_audio(p)[0]),
         "load_waveform, rate dispatched at run time": mapped(
             lambda p: load_waveform(p, config)),
     }
-    return stages
 
 
 def map_function_graphs(rate: int = 48000) -> dict[str, dict[str, float]]:
@@ -315,8 +300,10 @@ def map_function_graphs(rate: int = 48000) -> dict[str, dict[str, float]]:
     config = _config()
     path = tf.constant(corpus_files(rate, max_files=1)[0])
     candidates = {
-        "audio_rate": audio_rate,
+        'decode_wav(path, "pcm16")': lambda p: decode_wav(p, "pcm16"),
         "decode_audio": lambda p: decode_audio(p)[0],
+        f'load_waveform(rate={rate}, wav_format="pcm16") (ser_tf)': lambda p: load_waveform(
+            p, config, rate=rate, wav_format="pcm16"),
         f"load_waveform(rate={rate})": lambda p: load_waveform(p, config, rate=rate),
         "load_waveform (run-time rate dispatch)": lambda p: load_waveform(p, config),
     }
@@ -410,16 +397,14 @@ def _rate_report(rate: int, paths: list[str], repeats: int, tfio_rates: Sequence
     _log(f"{rate} Hz: {n} files, {audio_s / 60:.1f} min of audio")
     build: dict[str, float] = {}
     start = time.perf_counter()
-    probe = probe_dataset(paths)
-    groups = group_by_rate(probe)
-    ours = ser_tf_dataset(groups)
+    ours = ser_tf_dataset(paths, group_by_header(paths))
     build["ser_tf"] = time.perf_counter() - start
     start = time.perf_counter()
     dispatch = ser_tf_dispatch_dataset(paths)
     build["ser_tf run-time dispatch"] = time.perf_counter() - start
     runs: dict[str, Callable[[], object]] = {
-        # Every timed pass probes the headers again: it is part of the work per pass.
-        "ser_tf": _Drain(ours, before=lambda: group_by_rate(probe)),
+        # Every timed pass reads the headers again: decode_corpus does it on every call.
+        "ser_tf": _Drain(ours, before=lambda: group_by_header(paths)),
         "ser_tf run-time dispatch": _Drain(dispatch),
         "librosa": lambda: librosa_features(paths)}
     if rate in tfio_rates:
@@ -441,7 +426,10 @@ def _rate_report(rate: int, paths: list[str], repeats: int, tfio_rates: Sequence
     _log(f"{rate} Hz: ser_tf {methods['ser_tf']['utt_per_s']:.0f} utt/s, librosa "
          f"{librosa_rate:.0f} utt/s: x{report['ratio']:.2f} (target {report['target']})")
     if breakdown:
-        stage_runs = {name: _Drain(ds) for name, ds in _stage_datasets(paths, rate).items()}
+        stage_runs: dict[str, Callable[[], object]] = {
+            "group_by_header (Python header reading)": lambda: group_by_header(paths)}
+        stage_runs.update({name: _Drain(ds)
+                           for name, ds in _stage_datasets(paths, rate).items()})
         stage_runs["librosa.load only"] = lambda: librosa_features(paths, features=False)
         stage_runs["librosa.load + log-mel = librosa loop"] = lambda: librosa_features(paths)
         report["breakdown"] = _rates(
@@ -515,29 +503,35 @@ def to_markdown(report: dict) -> str:
     """Renders :func:`pipeline_report`'s result as Markdown tables."""
     lines = [
         "What runs: decode + resample to 16 kHz + 64-mel log spectrogram (25 ms / 10 ms), "
-        "per file. **ser_tf** (as `decode_corpus` does it): a tf.data pass reading each "
-        "file's rate from its header (`audio_rate`), then per rate `tf.data` of paths -> "
-        "`map(load_waveform(path, config, rate=r), AUTOTUNE)` (AudioConfig 16 kHz, no "
-        "trimming, no normalisation; a resampler built for that rate) -> "
-        "`map(LogMelFrontend, AUTOTUNE)` -> `prefetch`; both passes timed. **ser_tf "
-        "run-time dispatch**: `load_waveform(path, config)` finding the rate in-graph (no "
-        "probe pass). **tfio resample**: that with `tfio.audio.resample`. "
-        "**librosa**: `librosa.load(sr=16000, res_type='soxr_hq')` + "
-        "`melspectrogram(n_fft=512, win_length=400, hop_length=160, n_mels=64)` + log in "
-        "a Python loop.",
+        "per file. **ser_tf** (what `decode_corpus` runs, without its `Dataset.cache`): "
+        "`group_by_header` reads each file's header in Python (sample rate, WAV sample "
+        "format), then `decoding_dataset`: per group of alike files `tf.data` of paths -> "
+        "`map(load_waveform(path, config, rate=r, wav_format=f), AUTOTUNE)` (AudioConfig "
+        "16 kHz, no trimming, no normalisation; tfio's WAV decoder for that sample format "
+        "alone and a resampler built for that rate) -> `ignore_errors`, groups "
+        "concatenated -> `map(LogMelFrontend on each waveform, AUTOTUNE)` -> `prefetch`; "
+        "the header reading is timed in every pass. **ser_tf run-time dispatch**: "
+        "`load_waveform(path, config)` sniffing the format and finding the rate in-graph "
+        "(no header reading in Python), same log-mel map. **tfio resample**: that with "
+        "`tfio.audio.resample`. **librosa**: `librosa.load(sr=16000, res_type='soxr_hq')` "
+        "+ `melspectrogram(n_fft=512, win_length=400, hop_length=160, n_mels=64)` + log in "
+        "a Python loop. Every contender computes each file's log-mel on its own (log-mel "
+        "on padded or packed batches of waveforms was measured: no less CPU per file).",
         "",
-        "What is timed: one pass over the files, iterator creation to the last feature "
-        "matrix fetched by a Python `for` loop; no `Dataset.cache`, files in the OS page "
-        "cache for all (an untimed warm-up pass of each runs first). "
+        "What is timed: one pass over the files, from ser_tf's header reading (or the "
+        "iterator's creation) to the last feature matrix fetched by a Python `for` loop; "
+        "no `Dataset.cache`, files in the OS page cache for all (an untimed warm-up pass "
+        "of each runs first). "
         f"{report['rates'][0]['files'] if report['rates'] else 0} files per rate. "
         f"utt/s: medians of {report['repeats']} passes, contenders interleaved; the verdict "
         "is on this median ratio. Best pass: the fastest of those passes (other jobs only "
         "add time, so best passes are the nearest to a quiet machine). CPU ms/utt is "
         "process CPU time (all threads) per file: steadier than wall time when other "
         "jobs share the cores, since librosa uses one core and tf.data all it gets. "
-        "Pass start-up: creating the iterator and getting the first element (tf.data "
-        "instantiates its map functions again for every new iterator, so every pass pays "
-        "it); the last column is the rate once the pass is running.",
+        "Pass start-up: the header reading (ser_tf), creating the iterator and getting "
+        "the first element (tf.data instantiates its map functions again for every new "
+        "iterator, so every pass pays it); the last column is the rate once the pass is "
+        "running.",
         "",
         "| input | pipeline | utt/s | x librosa | target | verdict | CPU ms/utt "
         "| x librosa (CPU) | best pass utt/s | x librosa (best passes) | pass start-up s "
@@ -570,9 +564,12 @@ def to_markdown(report: dict) -> str:
         lines += [
             "", "#### Where the time goes",
             "",
-            "Cumulative prefixes of the ser_tf pipeline (each row adds one step to the row "
-            "above it; the CPU difference between rows is that step's cost), and librosa's "
-            "load alone, timed like the table above. The last column leaves out the pass "
+            "The ser_tf pipeline in steps, timed like the table above: its Python header "
+            "reading alone, then cumulative prefixes of its tf.data pass (from the floor to "
+            "`+ log-mel`, each row adds one step to the row above it; the CPU difference "
+            "between rows is that step's cost); then, for comparison, the general decoder "
+            "that sniffs the format and parses the header in-graph, and the full run-time "
+            "dispatch; and librosa's load alone. The last column leaves out the pass "
             "start-up (its CPU time too): the per-file cost once the pass runs.",
             "",
             "| input | stage | utt/s | CPU ms/utt | pass start-up s "

@@ -50,3 +50,52 @@ def require_emodb() -> Path:
     if not (EMODB_DIR / "wav").is_dir():
         pytest.skip(f"EmoDB not found at {EMODB_DIR} (set SER_TF_EMODB to its folder)")
     return EMODB_DIR
+
+
+def write_wav_encoded(path: str | os.PathLike, audio: np.ndarray, rate: int, encoding: str,
+                      extensible: bool = False, list_chunk_first: bool = False) -> str:
+    """Writes mono float audio in [-1, 1] as a WAV file of any supported sample encoding.
+
+    Args:
+      path: output file.
+      audio: ``[samples]`` float audio.
+      rate: sample rate.
+      encoding: ``"pcm8"`` (unsigned), ``"pcm16"``, ``"pcm24"``, ``"pcm32"`` or ``"float32"``.
+      extensible: write a WAVE_FORMAT_EXTENSIBLE ``fmt `` chunk (the encoding in its
+        sub-format GUID).
+      list_chunk_first: put a ``LIST`` chunk (odd size, padded) before ``fmt ``.
+
+    Returns:
+      The path as a string.
+    """
+    import struct
+
+    x = np.clip(np.asarray(audio, np.float64), -1.0, 1.0)
+    if encoding == "pcm8":
+        data, tag, bits = np.round(x * 127.0 + 128.0).astype(np.uint8).tobytes(), 1, 8
+    elif encoding == "pcm16":
+        data, tag, bits = np.round(x * 32767.0).astype("<i2").tobytes(), 1, 16
+    elif encoding == "pcm24":
+        ints = np.round(x * 8388607.0).astype("<i4")
+        data = ints.view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
+        tag, bits = 1, 24
+    elif encoding == "pcm32":
+        data, tag, bits = np.round(x * 2147483647.0).astype("<i4").tobytes(), 1, 32
+    elif encoding == "float32":
+        data, tag, bits = x.astype("<f4").tobytes(), 3, 32
+    else:
+        raise ValueError(f"unknown encoding {encoding!r}")
+    block = bits // 8
+    fmt = struct.pack("<HHIIHH", 0xFFFE if extensible else tag, 1, rate, rate * block, block,
+                      bits)
+    if extensible:
+        guid_tail = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+        fmt += struct.pack("<HHI", 22, bits, 4) + struct.pack("<H", tag) + guid_tail
+    chunks = b""
+    if list_chunk_first:
+        chunks += b"LIST" + struct.pack("<I", 5) + b"INFOx\x00"
+    chunks += b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    chunks += b"data" + struct.pack("<I", len(data)) + data + b"\x00" * (len(data) % 2)
+    with open(path, "wb") as f:
+        f.write(b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks)
+    return str(path)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import sine, write_wav
+from conftest import sine, write_wav, write_wav_encoded
 from ser_tf.data.audio import AudioConfig
 from ser_tf.data.corpora import Utterance
-from ser_tf.data.pipeline import (AugmentConfig, BadAudioError, augment_waveform,
-                                  decode_corpus, evaluation_dataset, fit_length,
-                                  training_dataset, window_starts)
-from test_audio import _make_bad_files
+from ser_tf.data.pipeline import (AugmentConfig, BadAudioError, DecodeGroup, augment_waveform,
+                                  decode_corpus, decoding_dataset, evaluation_dataset,
+                                  fit_length, group_by_header, training_dataset, window_starts)
+from test_audio import _encode_other, _make_bad_files
 
 CFG = AudioConfig(trim_db=None, normalize="none")
 
@@ -67,6 +67,61 @@ def test_bad_audio_skip_names_each_file_and_fail_raises(tmp_path, caplog):
     for path in bad.values():
         assert path in str(err.value)
     assert len(err.value.bad) == len(bad)
+
+
+@pytest.fixture()
+def mixed_files(tmp_path):
+    """Files of every kind the lean and general paths take, with their tone frequencies."""
+    specs = [
+        ("a.wav", 16000, "pcm16", 200), ("b.flac", 16000, None, 500),
+        ("c.wav", 48000, "pcm24", 300), ("d.wav", 16000, "float32", 400),
+        ("e.wav", 16000, "pcm8", 600), ("f.ogg", 16000, None, 500),
+        ("g.wav", 44100, "pcm16", 700), ("h.wav", 16000, "pcm16", 800),
+    ]
+    paths, freqs = [], []
+    for name, rate, encoding, freq in specs:
+        if encoding is None:
+            paths.append(_encode_other(tmp_path / name, name[-4:].strip("."), rate))
+        else:
+            paths.append(write_wav_encoded(tmp_path / name, sine(freq, rate, 0.5), rate,
+                                           encoding))
+        freqs.append(freq)
+    return paths, freqs
+
+
+def test_group_by_header_groups_alike_files_and_leaves_out_bad_ones(tmp_path, mixed_files):
+    paths, _ = mixed_files
+    bad = _make_bad_files(tmp_path)
+    groups = group_by_header(paths + [bad[k] for k in ("not_audio", "missing", "truncated")])
+    assert groups == [
+        DecodeGroup(16000, None, (1, 5)), DecodeGroup(16000, "float32", (3,)),
+        DecodeGroup(16000, "pcm16", (0, 7)), DecodeGroup(16000, "pcm8", (4,)),
+        DecodeGroup(44100, "pcm16", (6,)), DecodeGroup(48000, "pcm32", (2,)),
+    ]
+    with pytest.raises(ValueError, match="no groups"):
+        decoding_dataset(paths, [], CFG)
+
+
+def test_decode_corpus_decodes_every_format_in_order(mixed_files):
+    paths, freqs = mixed_files
+    corpus = decode_corpus([_utt(p) for p in paths], CFG, progress=False)
+    assert not corpus.bad and [u.path for u in corpus.utterances] == paths
+    got = {int(i): w.numpy() for i, w in corpus.dataset}
+    assert sorted(got) == list(range(len(paths)))
+    for k, freq in enumerate(freqs):
+        wave = got[k]
+        assert len(wave) == corpus.lengths[k]
+        assert abs(len(wave) - 8000) <= 2
+        spec = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
+        assert np.argmax(spec) * 16000 / len(wave) == pytest.approx(freq, abs=3)
+    # Uncached, the same waveforms come out, group after group, on every pass.
+    uncached = decoding_dataset(paths, group_by_header(paths), CFG)
+    for _ in range(2):
+        order = []
+        for i, wave in uncached:
+            order.append(int(i))
+            np.testing.assert_array_equal(wave.numpy(), got[int(i)])
+        assert order == [1, 5, 3, 0, 7, 4, 6, 2]
 
 
 def test_bad_policy_and_empty_input_rejected(tmp_path):

@@ -7,6 +7,13 @@ run it in parallel. The rest (down-mix, resampling to the model's
 rate, silence trimming, level normalisation) is plain TF so it runs in parallel in
 ``tf.data`` and inside ``tf.function``.
 
+Where the files are known before the pipeline runs (a corpus), :func:`read_audio_header`
+reads each header in Python (a few bytes per file) so that :func:`load_waveform` can be
+specialised per group of files: a resampler built for their rate alone and, for WAV files
+(most corpora), tfio's WAV decoder for their sample format alone (:func:`decode_wav`)
+instead of the format-sniffing decoder. tf.data instantiates its map functions again for
+every iterator, so a small graph is also a fast start.
+
 Bad audio (unreadable, not audio, truncated, empty, silent, non-finite) raises a TF error
 whose message names the problem; :mod:`ser_tf.data.pipeline` turns those into a per-file
 report (``--on_bad_audio=skip|fail``).
@@ -15,6 +22,9 @@ report (``--on_bad_audio=skip|fail``).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+import struct
 
 import tensorflow as tf
 import tensorflow_io as tfio
@@ -135,6 +145,36 @@ def _scaled(audio: tf.Tensor, scale: float, offset: float = 0.0) -> tf.Tensor:
     return (tf.cast(audio, tf.float32) + offset) * scale
 
 
+# WAV sample formats: name -> (dtype tfio decodes to, offset, scale) taking the samples to
+# float32 in [-1, 1]. tfio left-aligns 24-bit samples in int32, so "pcm32" serves 24-bit
+# files (tfio takes every 32-bit WAV file for float and refuses 32-bit integer PCM, which
+# therefore fails to decode in either path).
+_WAV_SAMPLE_FORMATS = {
+    "pcm16": (tf.int16, 0.0, 1 / 32768.0),
+    "pcm32": (tf.int32, 0.0, 1 / 2147483648.0),
+    "pcm8": (tf.uint8, -128.0, 1 / 128.0),
+    "float32": (tf.float32, 0.0, 1.0),
+}
+
+
+def _wav_sample_format(encoding: int, bits: int) -> str | None:
+    """The sample format (a key of the WAV decoders) of a WAV ``fmt `` chunk's encoding
+    (1 PCM, 3 IEEE float; the sub-format for WAVE_FORMAT_EXTENSIBLE) and bit depth;
+    None if unsupported."""
+    if encoding == 1:
+        return {8: "pcm8", 16: "pcm16", 24: "pcm32", 32: "pcm32"}.get(bits)
+    if encoding == 3 and bits == 32:
+        return "float32"
+    return None
+
+
+def _decode_wav_samples(contents: tf.Tensor, sample_format: str) -> tf.Tensor:
+    """WAV file contents -> float32 ``[samples, channels]``, the sample format known."""
+    dtype, offset, scale = _WAV_SAMPLE_FORMATS[sample_format]
+    audio = tfio.audio.decode_wav(contents, dtype=dtype)
+    return audio if dtype == tf.float32 else _scaled(audio, scale, offset)
+
+
 def _container(contents: tf.Tensor) -> tf.Tensor:
     """Index of the container (0 WAV, 1 FLAC, 2 Ogg, 3 MP3) from the magic bytes.
 
@@ -151,16 +191,118 @@ def _container(contents: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.argmax(tf.cast(kinds, tf.int32)), tf.int32)
 
 
-def audio_rate(path: tf.Tensor) -> tf.Tensor:
-    """The sample rate from a file's header alone (int64), without decoding the samples.
+@dataclasses.dataclass(frozen=True)
+class AudioHeader:
+    """What a file's header says, read in Python by :func:`read_audio_header`.
 
-    Lets a pipeline group files by rate and resample each group with a static filter
-    (see :func:`ser_tf.data.pipeline.decode_corpus`).
+    Attributes:
+      container: ``"wav"``, ``"flac"``, ``"ogg"`` or ``"mp3"``.
+      rate: sample rate in Hz.
+      wav_format: for WAV files, the sample format (``"pcm16"``, ``"pcm32"`` for 24 and
+        32 bit, ``"pcm8"`` or ``"float32"``), with which :func:`load_waveform` can decode
+        the file without sniffing; None for other containers and unsupported WAV
+        encodings.
     """
-    contents = tf.io.read_file(path)
-    return tf.switch_case(_container(contents), [
-        lambda: _wav_header(contents)[2], lambda: _flac_rate(contents)[0],
-        lambda: _vorbis_rate(contents), lambda: _mp3_rate(contents)])
+
+    container: str
+    rate: int
+    wav_format: str | None = None
+
+
+class AudioHeaderError(ValueError):
+    """The file's header is missing, unreadable or not one of the supported formats."""
+
+
+# How many bytes of a file the header reader looks at (and the MP3 frame-sync search window,
+# as in the in-graph parser).
+_HEAD_BYTES = 4096
+
+
+def _read_at(f, offset: int, length: int) -> bytes:
+    """``length`` bytes of the open file ``f`` from ``offset`` (fewer at the end)."""
+    f.seek(offset)
+    return f.read(length)
+
+
+def _wav_fmt_offset(f, size: int) -> int:
+    """Offset of the ``fmt `` chunk, walking the chunks as the in-graph parser does."""
+    offset = 12
+    for _ in range(64):
+        if offset + 8 > size:
+            break
+        chunk_id, chunk_size = struct.unpack("<4sI", _read_at(f, offset, 8))
+        if chunk_id == b"fmt ":
+            break
+        offset += 8 + chunk_size + chunk_size % 2
+    if offset + 24 > size:
+        raise AudioHeaderError("corrupt WAV: no fmt chunk")
+    return offset
+
+
+def _mp3_header_rate(f, head: bytes) -> int:
+    """Sample rate of the first MPEG audio frame header (after any ID3v2 tag)."""
+    start = 0
+    if head[:3] == b"ID3":
+        s = head[6:10].ljust(4, b"\0")
+        start = (s[0] << 21) + (s[1] << 14) + (s[2] << 7) + s[3] + 10
+        if len(head) > 5 and head[5] & 0x10:  # a footer follows the tag
+            start += 10
+    window = _read_at(f, start, _HEAD_BYTES).ljust(_HEAD_BYTES, b"\0")
+    j = window.find(b"\xff")
+    while 0 <= j < _HEAD_BYTES - 2:
+        b1, b2 = window[j + 1], window[j + 2]
+        if b1 >> 5 == 7 and (b1 >> 3) & 3 != 1 and (b2 >> 2) & 3 != 3:
+            return _MP3_RATES[(b1 >> 3) & 3][(b2 >> 2) & 3]
+        j = window.find(b"\xff", j + 1)
+    raise AudioHeaderError("corrupt MP3: no frame header found")
+
+
+def _parse_header(f, size: int) -> AudioHeader:
+    """:func:`read_audio_header` of the open file ``f`` of ``size`` bytes."""
+    head = f.read(_HEAD_BYTES)
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        fmt = _read_at(f, _wav_fmt_offset(f, size), 34).ljust(34, b"\0")
+        encoding, _, rate, _, _, bits = struct.unpack("<HHIIHH", fmt[8:24])
+        if encoding == 0xFFFE:  # WAVE_FORMAT_EXTENSIBLE: the encoding is in the sub-format
+            encoding = struct.unpack("<H", fmt[32:34])[0]
+        return AudioHeader("wav", rate, _wav_sample_format(encoding, bits))
+    if head[:4] == b"fLaC":
+        b = head[18:22].ljust(4, b"\0")
+        return AudioHeader("flac", (b[0] << 12) + (b[1] << 4) + (b[2] >> 4))
+    if head[:4] == b"OggS":
+        packet = 27 + (head[26] if len(head) > 26 else 0)
+        if head[packet:packet + 7] != b"\x01vorbis":
+            raise AudioHeaderError("Ogg file is not Vorbis audio")
+        rate_bytes = head[packet + 12:packet + 16].ljust(4, b"\0")
+        return AudioHeader("ogg", struct.unpack("<I", rate_bytes)[0])
+    if head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] >> 5 == 7):
+        return AudioHeader("mp3", _mp3_header_rate(f, head))
+    raise AudioHeaderError(
+        "not an audio file this pipeline decodes (WAV, FLAC, Ogg Vorbis, MP3)")
+
+
+def read_audio_header(path: str | os.PathLike) -> AudioHeader:
+    """Reads a file's container and sample rate from its first bytes, in Python.
+
+    The same parsing as the in-graph decoder (:func:`decode_audio`), without TensorFlow:
+    a few small reads per file (tens of microseconds), so a corpus can be grouped by rate
+    and format before its tf.data pipeline is built.
+
+    Args:
+      path: the file.
+
+    Returns:
+      The header's facts.
+
+    Raises:
+      OSError: the file cannot be opened or read.
+      AudioHeaderError: not a supported container, or a corrupt or truncated header.
+    """
+    with open(path, "rb") as f:
+        header = _parse_header(f, os.fstat(f.fileno()).st_size)
+    if header.rate <= 0:
+        raise AudioHeaderError(f"corrupt {header.container} header: sample rate {header.rate}")
+    return header
 
 
 def decode_audio(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -195,13 +337,8 @@ def decode_audio(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
                                   message="unsupported WAV encoding (need PCM 8/16/24/32-bit "
                                           "or 32-bit float)")
         branch = tf.cast(tf.argmax(tf.cast(cases, tf.int32)), tf.int32)
-        decoders = [
-            lambda: _scaled(tfio.audio.decode_wav(contents, dtype=tf.int16), 1 / 32768.0),
-            # tfio left-aligns 24-bit samples in int32, so one scale serves 24 and 32 bit.
-            lambda: _scaled(tfio.audio.decode_wav(contents, dtype=tf.int32), 1 / 2147483648.0),
-            lambda: _scaled(tfio.audio.decode_wav(contents, dtype=tf.uint8), 1 / 128.0, -128.0),
-            lambda: tfio.audio.decode_wav(contents, dtype=tf.float32),
-        ]
+        decoders = [functools.partial(_decode_wav_samples, contents, sample_format)
+                    for sample_format in ("pcm16", "pcm32", "pcm8", "float32")]
         return tf.switch_case(branch, decoders), rate
 
     def flac():
@@ -308,7 +445,32 @@ def normalize_level(waveform: tf.Tensor, mode: str, level_db: float) -> tf.Tenso
     return tf.clip_by_value(scaled, -1.0, 1.0)
 
 
-def load_waveform(path: tf.Tensor, config: AudioConfig, rate: int | None = None) -> tf.Tensor:
+def decode_wav(path: tf.Tensor, sample_format: str) -> tf.Tensor:
+    """Decodes a WAV file whose sample format is known (from :func:`read_audio_header`).
+
+    The lean path: tfio's stateless WAV decoder alone, without the container and format
+    dispatch of :func:`decode_audio` (a much smaller graph); same output as
+    :func:`decode_audio` for the file.
+
+    Args:
+      path: scalar string tensor, the file's path.
+      sample_format: ``"pcm16"``, ``"pcm32"`` (24 and 32 bit), ``"pcm8"`` or ``"float32"``.
+
+    Returns:
+      float32 ``[samples, channels]`` in [-1, 1].
+
+    Raises:
+      ValueError: unknown ``sample_format``.
+      tf.errors.OpError: the file is missing, unreadable, corrupt or not in that format.
+    """
+    if sample_format not in _WAV_SAMPLE_FORMATS:
+        raise ValueError(f"sample_format must be one of {sorted(_WAV_SAMPLE_FORMATS)}, "
+                         f"got {sample_format!r}")
+    return _decode_wav_samples(tf.io.read_file(path), sample_format)
+
+
+def load_waveform(path: tf.Tensor, config: AudioConfig, rate: int | None = None,
+                  wav_format: str | None = None) -> tf.Tensor:
     """File -> conditioned mono waveform at ``config.sample_rate`` (graph function).
 
     Decode, down-mix, check, resample, trim, check length, normalise level.
@@ -316,23 +478,35 @@ def load_waveform(path: tf.Tensor, config: AudioConfig, rate: int | None = None)
     Args:
       path: scalar string tensor.
       config: how to condition the audio.
-      rate: the file's sample rate if known in advance (from :func:`audio_rate`): the
-        resampler is then built for that rate alone, a much smaller and faster graph than
-        the run-time dispatch over every common rate used when it is None.
+      rate: the file's sample rate if known in advance (from :func:`read_audio_header`):
+        the resampler is then built for that rate alone, a much smaller and faster graph
+        than the run-time dispatch over every common rate used when it is None.
+      wav_format: the sample format of a WAV file, if known in advance
+        (``read_audio_header(path).wav_format``): the file is then decoded by
+        :func:`decode_wav` alone, skipping the format sniffing and header parsing, and
+        ``rate`` is taken on trust. Needs ``rate``.
 
     Raises:
+      ValueError: ``wav_format`` without ``rate``, or an unknown ``wav_format``.
       tf.errors.InvalidArgumentError: the audio is empty, silent, too short or not finite
-        (the message says which); decoding errors propagate from :func:`decode_audio`.
+        (the message says which); decoding errors propagate from the decoder.
     """
-    audio, file_rate = decode_audio(path)
+    if wav_format is not None:
+        if rate is None:
+            raise ValueError("wav_format needs the file's rate")
+        audio, file_rate = decode_wav(path, wav_format), None
+    else:
+        audio, file_rate = decode_audio(path)
     wave = to_mono(audio)
     tf.debugging.assert_greater(tf.size(wave), 0, message="empty audio (no samples)")
-    tf.debugging.assert_all_finite(wave, message="audio has NaN or Inf samples")
+    if wav_format in (None, "float32"):  # integer samples are always finite
+        tf.debugging.assert_all_finite(wave, message="audio has NaN or Inf samples")
     if rate is None:
         wave = resample_to(wave, file_rate, config.sample_rate, config.resample_quality)
     else:
-        tf.debugging.assert_equal(file_rate, tf.constant(rate, tf.int64),
-                                  message="sample rate differs from the one probed")
+        if file_rate is not None:
+            tf.debugging.assert_equal(file_rate, tf.constant(rate, tf.int64),
+                                      message="sample rate differs from the one probed")
         wave = resample(wave, rate, config.sample_rate, quality=config.resample_quality)
     tf.debugging.assert_greater(tf.reduce_max(tf.abs(wave)), 1e-6,
                                 message="silent audio (all samples zero)")

@@ -2,15 +2,19 @@
 
 The flow:
 
-1. :func:`decode_corpus` reads every file's sample rate from its header, then decodes
-   the files of each rate in parallel (``AUTOTUNE``) with a resampler built for that rate
-   (one small graph per rate instead of a run-time dispatch over all rates), conditions it
-   (:func:`ser_tf.data.audio.load_waveform`) and caches the waveforms (in memory, or in a
-   cache file for corpora larger than RAM). This single pass also finds bad audio: a file
-   whose decoding fails is dropped by ``ignore_errors`` and, because each element carries
-   its utterance index, the missing indices name exactly the bad files; each is then
-   re-decoded alone to get the reason. ``on_bad_audio="skip"`` logs every bad file and
-   goes on, ``"fail"`` raises :class:`BadAudioError` naming them.
+1. :func:`decode_corpus` reads every file's header in Python
+   (:func:`group_by_header`: sample rate and, for WAV files, sample format), then decodes
+   each group of alike files in parallel (``AUTOTUNE``) with a graph made for that group
+   alone (:func:`decoding_dataset`: a resampler built for that rate and, for WAV files,
+   tfio's WAV decoder for that sample format instead of the format-sniffing decoder),
+   conditions the audio (:func:`ser_tf.data.audio.load_waveform`) and caches the
+   waveforms (in memory, or in a cache file for corpora larger than RAM). Small graphs
+   matter: tf.data instantiates its map functions again for every iterator. This single
+   pass also finds bad audio: a file whose header cannot be read, or whose decoding fails
+   (dropped by ``ignore_errors``; each element carries its utterance index, so the missing
+   indices name exactly the bad files), is re-decoded alone to get the reason.
+   ``on_bad_audio="skip"`` logs every bad file and goes on, ``"fail"`` raises
+   :class:`BadAudioError` naming them.
 2. :func:`training_dataset` selects a split from the cache, shuffles, takes a random
    fixed-length crop of each utterance (short clips are looped or zero-padded), applies
    waveform augmentation, batches and prefetches. Randomness comes from the seed only.
@@ -31,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from ser_tf.data.audio import AudioConfig, audio_rate, load_waveform
+from ser_tf.data.audio import AudioConfig, load_waveform, read_audio_header
 from ser_tf.data.corpora import Utterance
 from ser_tf.data.resample import resample
 
@@ -124,31 +128,85 @@ def _error_reason(path: str, config: AudioConfig) -> str:
     return ""
 
 
-def _group_by_rate(paths: tf.Tensor) -> dict[int, list[int]]:
-    """File indices by sample rate read from the headers (unreadable files are left out:
-    decoding them fails later, which names the reason)."""
-    probe = (tf.data.Dataset.range(int(paths.shape[0]))
-             .map(lambda i: (i, audio_rate(tf.gather(paths, i))), num_parallel_calls=AUTOTUNE)
-             .ignore_errors())
-    groups: dict[int, list[int]] = {}
-    for i, rate in probe.as_numpy_iterator():
-        groups.setdefault(int(rate), []).append(int(i))
-    return groups
+@dataclasses.dataclass(frozen=True)
+class DecodeGroup:
+    """Files that decode with the same graph function.
+
+    Attributes:
+      rate: their sample rate.
+      wav_format: their WAV sample format (decoded by tfio's WAV decoder alone), or None
+        (the format-sniffing decoder).
+      members: their indices in the list of paths, in order.
+    """
+
+    rate: int
+    wav_format: str | None
+    members: tuple[int, ...]
 
 
-def _decode_group(paths: tf.Tensor, members: Sequence[int], config: AudioConfig,
-                  rate: int) -> tf.data.Dataset:
-    """Decodes files of one sample rate with a resampler built for that rate only."""
-    def load(static_rate):
-        return lambda i: (i, load_waveform(tf.gather(paths, i), config, rate=static_rate))
+def group_by_header(paths: Sequence[str]) -> list[DecodeGroup]:
+    """Groups files by what their headers say (read in Python, a few bytes per file).
 
-    ds = tf.data.Dataset.from_tensor_slices(np.asarray(members, np.int64))
+    Args:
+      paths: the files.
+
+    Returns:
+      The groups, sorted by rate, then WAV sample format. A file whose header cannot be read
+      (missing, unreadable, not audio, corrupt or truncated) is in no group: it is bad,
+      and decoding it alone names the reason.
+    """
+    members: dict[tuple[int, str], list[int]] = {}
+    for i, path in enumerate(paths):
+        try:
+            header = read_audio_header(path)
+        except (OSError, ValueError):
+            continue
+        members.setdefault((header.rate, header.wav_format or ""), []).append(i)
+    return [DecodeGroup(rate, wav_format or None, tuple(idx))
+            for (rate, wav_format), idx in sorted(members.items())]
+
+
+def _decode_group(paths: Sequence[str], group: DecodeGroup,
+                  config: AudioConfig) -> tf.data.Dataset:
+    """``(index, waveform)`` of the files of one group, with a graph made for that group."""
+    def load(rate: int | None, wav_format: str | None):
+        return lambda i, path: (i, load_waveform(path, config, rate=rate,
+                                                 wav_format=wav_format))
+
+    ds = tf.data.Dataset.from_tensor_slices((np.asarray(group.members, np.int64),
+                                             [paths[i] for i in group.members]))
     try:
-        ds = ds.map(load(rate), num_parallel_calls=AUTOTUNE, deterministic=True)
+        ds = ds.map(load(group.rate, group.wav_format), num_parallel_calls=AUTOTUNE,
+                    deterministic=True)
     except ValueError:
         # A rate with no compact polyphase filter (e.g. a prime ratio): run-time dispatch.
-        ds = ds.map(load(None), num_parallel_calls=AUTOTUNE, deterministic=True)
+        ds = ds.map(load(None, None), num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.ignore_errors()
+
+
+def decoding_dataset(paths: Sequence[str], groups: Sequence[DecodeGroup],
+                     config: AudioConfig) -> tf.data.Dataset:
+    """Decodes and conditions files group by group: ``(index int64, waveform [samples])``.
+
+    No caching: every iteration decodes the files again (:func:`decode_corpus` caches).
+    The order is deterministic: group after group, each in the order of its members.
+    Files that fail to decode are left out.
+
+    Args:
+      paths: the files.
+      groups: from :func:`group_by_header` (at least one).
+      config: how to condition the audio.
+
+    Returns:
+      The dataset.
+    """
+    if not groups:
+        raise ValueError("no groups of files to decode")
+    parts = [_decode_group(paths, group, config) for group in groups]
+    decoded = parts[0]
+    for part in parts[1:]:
+        decoded = decoded.concatenate(part)
+    return decoded
 
 
 def decode_corpus(utterances: Sequence[Utterance], config: AudioConfig, *,
@@ -175,15 +233,11 @@ def decode_corpus(utterances: Sequence[Utterance], config: AudioConfig, *,
                          f"got {on_bad_audio!r}")
     if not utterances:
         raise ValueError("no utterances to decode")
-    paths = tf.constant([u.path for u in utterances])
-    groups = [_decode_group(paths, members, config, rate)
-              for rate, members in sorted(_group_by_rate(paths).items())]
+    paths = [u.path for u in utterances]
+    groups = group_by_header(paths)
     lengths: dict[int, int] = {}
     if groups:
-        decoded = groups[0]
-        for group in groups[1:]:
-            decoded = decoded.concatenate(group)
-        decoded = decoded.cache(cache_path)
+        decoded = decoding_dataset(paths, groups, config).cache(cache_path)
         for i, wave in tqdm(decoded, total=len(utterances), desc="decoding audio",
                             unit="file", disable=not progress, leave=False):
             lengths[int(i)] = int(wave.shape[0])
