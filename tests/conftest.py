@@ -53,17 +53,19 @@ def require_emodb() -> Path:
 
 
 def write_wav_encoded(path: str | os.PathLike, audio: np.ndarray, rate: int, encoding: str,
-                      extensible: bool = False, list_chunk_first: bool = False) -> str:
-    """Writes mono float audio in [-1, 1] as a WAV file of any supported sample encoding.
+                      extensible: bool = False, list_chunk_first: bool = False,
+                      chunk_before_data: bool = False) -> str:
+    """Writes float audio in [-1, 1] as a WAV file of any supported sample encoding.
 
     Args:
       path: output file.
-      audio: ``[samples]`` float audio.
+      audio: ``[samples]`` (mono) or ``[samples, channels]`` float audio.
       rate: sample rate.
       encoding: ``"pcm8"`` (unsigned), ``"pcm16"``, ``"pcm24"``, ``"pcm32"`` or ``"float32"``.
       extensible: write a WAVE_FORMAT_EXTENSIBLE ``fmt `` chunk (the encoding in its
         sub-format GUID).
       list_chunk_first: put a ``LIST`` chunk (odd size, padded) before ``fmt ``.
+      chunk_before_data: put a ``fact`` chunk between ``fmt `` and ``data``.
 
     Returns:
       The path as a string.
@@ -85,9 +87,10 @@ def write_wav_encoded(path: str | os.PathLike, audio: np.ndarray, rate: int, enc
         data, tag, bits = x.astype("<f4").tobytes(), 3, 32
     else:
         raise ValueError(f"unknown encoding {encoding!r}")
-    block = bits // 8
-    fmt = struct.pack("<HHIIHH", 0xFFFE if extensible else tag, 1, rate, rate * block, block,
-                      bits)
+    channels = x.shape[1] if x.ndim == 2 else 1
+    block = bits // 8 * channels
+    fmt = struct.pack("<HHIIHH", 0xFFFE if extensible else tag, channels, rate, rate * block,
+                      block, bits)
     if extensible:
         guid_tail = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
         fmt += struct.pack("<HHI", 22, bits, 4) + struct.pack("<H", tag) + guid_tail
@@ -95,6 +98,8 @@ def write_wav_encoded(path: str | os.PathLike, audio: np.ndarray, rate: int, enc
     if list_chunk_first:
         chunks += b"LIST" + struct.pack("<I", 5) + b"INFOx\x00"
     chunks += b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    if chunk_before_data:
+        chunks += b"fact" + struct.pack("<I", 4) + struct.pack("<I", len(x))
     chunks += b"data" + struct.pack("<I", len(data)) + data + b"\x00" * (len(data) % 2)
     with open(path, "wb") as f:
         f.write(b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import soundfile
 import tensorflow as tf
 import tensorflow_io as tfio
 
@@ -146,10 +147,10 @@ def _encode_other(path, fmt: str, rate: int = 16000) -> str:
 
 @pytest.mark.parametrize("extensible", [False, True])
 @pytest.mark.parametrize("encoding,wav_format", [("pcm8", "pcm8"), ("pcm16", "pcm16"),
-                                                 ("pcm24", "pcm32"), ("float32", "float32")])
+                                                 ("pcm24", "pcm32"), ("pcm32", "pcm32"),
+                                                 ("float32", "float32")])
 def test_header_wav_format_and_lean_decode_match_the_general_decoder(tmp_path, encoding,
                                                                      wav_format, extensible):
-    # An even number of samples: tfio cannot read the pad byte after an odd-sized data chunk.
     x = sine(440, 22050, 0.4, 0.5)
     path = write_wav_encoded(tmp_path / "a.wav", x, 22050, encoding, extensible=extensible)
     assert read_audio_header(path) == AudioHeader("wav", 22050, wav_format)
@@ -207,3 +208,93 @@ def test_header_errors_name_the_problem(tmp_path):
         read_audio_header(zero_rate)
     with pytest.raises(ValueError, match="sample_format"):
         decode_wav(tf.constant(bad["silent"]), "pcm12")
+
+
+_WAV_FORMAT_OF = {"pcm8": "pcm8", "pcm16": "pcm16", "pcm24": "pcm32", "pcm32": "pcm32",
+                  "float32": "float32"}
+
+
+def _decode_both_ways(path: str, wav_format: str) -> np.ndarray:
+    """The file decoded by decode_audio and the lean decode_wav, eagerly and in a tf.data
+    map (graph), checked identical; the one result."""
+    eager, _ = decode_audio(tf.constant(path))
+    mapped = tf.data.Dataset.from_tensors(path)
+    graph_general = next(iter(mapped.map(lambda p: decode_audio(p)[0])))
+    graph_lean = next(iter(mapped.map(lambda p: decode_wav(p, wav_format))))
+    for other in (decode_wav(tf.constant(path), wav_format), graph_general, graph_lean):
+        np.testing.assert_array_equal(other.numpy(), eager.numpy())
+    return eager.numpy()
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("encoding", ["pcm8", "pcm16", "pcm24", "pcm32", "float32"])
+def test_every_wav_sample_format_decodes_sample_for_sample(tmp_path, encoding, channels):
+    # 2205 frames: an odd-sized data chunk (and its pad byte) for mono 8 and 24-bit.
+    x = np.stack([sine(440, 22050, 0.1, 0.9), sine(300, 22050, 0.1, -0.6)], 1)[:, :channels]
+    x[:4] = [[-1.0] * channels, [1.0] * channels, [0.0] * channels, [-0.5] * channels]
+    path = write_wav_encoded(tmp_path / "a.wav", x if channels > 1 else x[:, 0], 22050,
+                             encoding)
+    got = _decode_both_ways(path, _WAV_FORMAT_OF[encoding])
+    expected, _ = soundfile.read(path, dtype="float64", always_2d=True)
+    assert got.shape == (len(x), channels) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected.astype(np.float32))
+    # The writer scales by 2^(bits-1) - 1, the decoder by 2^(bits-1).
+    np.testing.assert_allclose(got, x, atol=2 / 127 if encoding == "pcm8" else 2 / 32767)
+
+
+@pytest.mark.parametrize("encoding", ["pcm16", "pcm24", "float32"])
+@pytest.mark.parametrize("layout", ["list_chunk_first", "chunk_before_data", "extensible",
+                                    "all"])
+def test_wav_chunk_layouts_decode_alike(tmp_path, encoding, layout):
+    x = sine(440, 8000, 0.1, 0.5)[:799]  # odd: 24-bit data has a pad byte
+    options = {"list_chunk_first": layout in ("list_chunk_first", "all"),
+               "chunk_before_data": layout in ("chunk_before_data", "all"),
+               "extensible": layout in ("extensible", "all")}
+    path = write_wav_encoded(tmp_path / "a.wav", x, 8000, encoding, **options)
+    plain = write_wav_encoded(tmp_path / "plain.wav", x, 8000, encoding)
+    assert read_audio_header(path) == AudioHeader("wav", 8000, _WAV_FORMAT_OF[encoding])
+    got = _decode_both_ways(path, _WAV_FORMAT_OF[encoding])
+    np.testing.assert_array_equal(got, _decode_both_ways(plain, _WAV_FORMAT_OF[encoding]))
+    np.testing.assert_array_equal(got, soundfile.read(path, dtype="float32",
+                                                      always_2d=True)[0])
+
+
+def _raw_wav(data: bytes, data_size: int | None = None, channels: int = 1,
+             fmt: bool = True) -> bytes:
+    """A 16-bit PCM WAV file holding ``data``, its data chunk claiming ``data_size`` bytes."""
+    import struct
+
+    body = struct.pack("<HHIIHH", 1, channels, 8000, 16000 * channels, 2 * channels, 16)
+    chunks = (b"fmt " + struct.pack("<I", 16) + body) if fmt else b""
+    chunks += b"data" + struct.pack("<I", len(data) if data_size is None else data_size) + data
+    return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
+
+
+def test_partial_last_frame_is_dropped(tmp_path):
+    frames = np.arange(-6, 6, dtype="<i2").reshape(6, 2)
+    path = tmp_path / "a.wav"
+    path.write_bytes(_raw_wav(frames.tobytes() + b"\x01\x02", channels=2))
+    got = _decode_both_ways(str(path), "pcm16")
+    np.testing.assert_array_equal(got, frames / 32768.0)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("truncated", "running past the end"), ("no_data", "no data chunk"),
+    ("no_fmt", "no fmt chunk"), ("wrong_format", "sample format differs")])
+def test_bad_wav_files_fail_with_a_clear_message(tmp_path, case, message):
+    samples = np.arange(100, dtype="<i2").tobytes()
+    data = {"truncated": _raw_wav(samples, data_size=400),
+            "no_data": _raw_wav(b"")[:-8],
+            "no_fmt": _raw_wav(samples, fmt=False),
+            "wrong_format": open(write_wav_encoded(tmp_path / "f.wav", sine(440, 8000, 0.1),
+                                                   8000, "float32"), "rb").read()}[case]
+    path = tmp_path / "bad.wav"
+    path.write_bytes(data)
+    decoders = [lambda p: decode_wav(p, "pcm16")]
+    if case != "wrong_format":
+        decoders.append(lambda p: decode_audio(p)[0])
+    for decode in decoders:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            decode(tf.constant(str(path)))
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            next(iter(tf.data.Dataset.from_tensors(str(path)).map(decode)))

@@ -1,16 +1,19 @@
 """Audio decoding and conditioning as graph functions (usable inside ``tf.data``).
 
 Decoding recognises the container (WAV, FLAC, Ogg Vorbis, MP3) from its magic bytes, reads
-the sample rate and sample format from its header in-graph, and decodes with
-tensorflow-io's stateless decoders, so one graph function decodes any file and tf.data can
-run it in parallel. The rest (down-mix, resampling to the model's
-rate, silence trimming, level normalisation) is plain TF so it runs in parallel in
-``tf.data`` and inside ``tf.function``.
+the sample rate and sample format from its header in-graph, and decodes, so one graph
+function decodes any file and tf.data can run it in parallel. WAV files are decoded by our
+own decoder made of TensorFlow core ops (``tf.io.decode_raw`` of the ``data`` chunk, found
+by walking the RIFF chunks in any order): 8-bit unsigned, 16, 24 and 32-bit integer and
+32-bit float PCM, plain or WAVE_FORMAT_EXTENSIBLE. FLAC, Ogg Vorbis and MP3 are decoded by
+tensorflow-io's stateless decoders. The rest (down-mix, resampling to the model's rate,
+silence trimming, level normalisation) is plain TF so it runs in parallel in ``tf.data``
+and inside ``tf.function``.
 
 Where the files are known before the pipeline runs (a corpus), :func:`read_audio_header`
 reads each header in Python (a few bytes per file) so that :func:`load_waveform` can be
 specialised per group of files: a resampler built for their rate alone and, for WAV files
-(most corpora), tfio's WAV decoder for their sample format alone (:func:`decode_wav`)
+(most corpora), the WAV decoder for their sample format alone (:func:`decode_wav`)
 instead of the format-sniffing decoder. tf.data instantiates its map functions again for
 every iterator, so a small graph is also a fast start.
 
@@ -25,6 +28,7 @@ import dataclasses
 import functools
 import os
 import struct
+from typing import Callable, NamedTuple
 
 import tensorflow as tf
 import tensorflow_io as tfio
@@ -78,28 +82,6 @@ def _le(contents: tf.Tensor, offset, length: int) -> tf.Tensor:
     return tf.reduce_sum(b * tf.constant([1 << (8 * k) for k in range(length)], tf.int64))
 
 
-def _wav_header(contents: tf.Tensor):
-    """``(encoding, channels, rate, bits)`` from a RIFF/WAVE file's ``fmt `` chunk."""
-    size = tf.cast(tf.strings.length(contents), tf.int64)
-
-    def not_fmt(offset):
-        return tf.logical_and(offset + 8 <= size,
-                              tf.strings.substr(contents, offset, 4) != "fmt ")
-
-    def next_chunk(offset):
-        chunk = _le(contents, offset + 4, 4)
-        return (offset + 8 + chunk + chunk % 2,)
-
-    (offset,) = tf.while_loop(lambda o: not_fmt(o), next_chunk, (tf.constant(12, tf.int64),),
-                              maximum_iterations=64)
-    tf.debugging.assert_less_equal(offset + 24, size, message="corrupt WAV: no fmt chunk")
-    encoding = _le(contents, offset + 8, 2)
-    # WAVE_FORMAT_EXTENSIBLE keeps the real encoding in its sub-format GUID.
-    encoding = tf.where(encoding == 0xFFFE, _le(contents, offset + 32, 2), encoding)
-    return encoding, _le(contents, offset + 10, 2), _le(contents, offset + 12, 4), \
-        _le(contents, offset + 22, 2)
-
-
 def _flac_rate(contents: tf.Tensor):
     """``(rate, bits)`` from a FLAC file's STREAMINFO block."""
     b = _bytes(contents, 18, 4)
@@ -142,18 +124,20 @@ def _mp3_rate(contents: tf.Tensor) -> tf.Tensor:
 
 
 def _scaled(audio: tf.Tensor, scale: float, offset: float = 0.0) -> tf.Tensor:
-    return (tf.cast(audio, tf.float32) + offset) * scale
+    """``(audio + offset) * scale`` in float32."""
+    audio = tf.cast(audio, tf.float32)
+    return (audio + offset if offset else audio) * scale
 
 
-# WAV sample formats: name -> (dtype tfio decodes to, offset, scale) taking the samples to
-# float32 in [-1, 1]. tfio left-aligns 24-bit samples in int32, so "pcm32" serves 24-bit
-# files (tfio takes every 32-bit WAV file for float and refuses 32-bit integer PCM, which
-# therefore fails to decode in either path).
+# WAV sample formats: name -> (encoding, bits per sample, offset, scale); the samples, read
+# as integers (floats for "float32"), go to float32 in [-1, 1] as (x + offset) * scale.
+# "pcm32" serves 24-bit and 32-bit integer samples, both read left-aligned in an int32
+# (a 24-bit sample times 256), so one scale fits both.
 _WAV_SAMPLE_FORMATS = {
-    "pcm16": (tf.int16, 0.0, 1 / 32768.0),
-    "pcm32": (tf.int32, 0.0, 1 / 2147483648.0),
-    "pcm8": (tf.uint8, -128.0, 1 / 128.0),
-    "float32": (tf.float32, 0.0, 1.0),
+    "pcm16": (1, (16,), 0.0, 1 / 32768.0),
+    "pcm32": (1, (24, 32), 0.0, 1 / 2147483648.0),
+    "pcm8": (1, (8,), -128.0, 1 / 128.0),
+    "float32": (3, (32,), 0.0, 1.0),
 }
 
 
@@ -161,18 +145,188 @@ def _wav_sample_format(encoding: int, bits: int) -> str | None:
     """The sample format (a key of the WAV decoders) of a WAV ``fmt `` chunk's encoding
     (1 PCM, 3 IEEE float; the sub-format for WAVE_FORMAT_EXTENSIBLE) and bit depth;
     None if unsupported."""
-    if encoding == 1:
-        return {8: "pcm8", 16: "pcm16", 24: "pcm32", 32: "pcm32"}.get(bits)
-    if encoding == 3 and bits == 32:
-        return "float32"
-    return None
+    return next((name for name, (enc, depths, _, _) in _WAV_SAMPLE_FORMATS.items()
+                 if enc == encoding and bits in depths), None)
 
 
-def _decode_wav_samples(contents: tf.Tensor, sample_format: str) -> tf.Tensor:
-    """WAV file contents -> float32 ``[samples, channels]``, the sample format known."""
-    dtype, offset, scale = _WAV_SAMPLE_FORMATS[sample_format]
-    audio = tfio.audio.decode_wav(contents, dtype=dtype)
-    return audio if dtype == tf.float32 else _scaled(audio, scale, offset)
+def _is_wav_format(encoding: tf.Tensor, bits: tf.Tensor, sample_format: str) -> tf.Tensor:
+    """Whether a WAV encoding and bit depth (int32 tensors) make ``sample_format``."""
+    expected, depths, _, _ = _WAV_SAMPLE_FORMATS[sample_format]
+    bits_match = (tf.equal(bits, depths[0]) if len(depths) == 1
+                  else tf.reduce_any(tf.equal(bits, depths)))
+    return tf.logical_and(tf.equal(encoding, expected), bits_match)
+
+
+def _fail_unless(ok: tf.Tensor, message: str) -> tf.Tensor:
+    """0 (int32) if the scalar bool ``ok`` holds; else fails with ``message``.
+
+    Eagerly the error is ``tf.debugging.assert_equal``'s, which reads ``message``. In a
+    graph it comes from parsing ``message`` as a number ("StringToNumberOp could not
+    correctly convert string: <message>"): a stateless check, where an Assert is stateful
+    and a stateful op, or a cond holding one, costs a ``tf.data`` map function on every
+    call (the WAV decoder runs once per file).
+    """
+    if tf.executing_eagerly():
+        tf.debugging.assert_equal(ok, True, message=message)
+        return tf.constant(0)
+    return tf.strings.to_number(tf.where(ok, "0", message), tf.int32)
+
+
+# RIFF chunk ids as the little-endian int32 their four bytes read as.
+_FMT_ID = int.from_bytes(b"fmt ", "little", signed=True)
+_DATA_ID = int.from_bytes(b"data", "little", signed=True)
+
+
+def _words(contents: tf.Tensor, offset, length: int, dtype) -> tf.Tensor:
+    """``length`` bytes of ``contents`` from ``offset`` (at most its length) as
+    little-endian ``dtype`` words; bytes past the end of ``contents`` read as zeros."""
+    raw = tf.strings.substr(contents, offset, length)
+    return tf.io.decode_raw(raw, dtype, little_endian=True, fixed_length=length)
+
+
+def _walk_wav_chunks(contents: tf.Tensor, size: tf.Tensor):
+    """Finds the ``fmt `` and ``data`` chunks of a RIFF/WAVE file by walking its chunks.
+
+    The chunks may come in any order, with others (``LIST``, ``fact``, ...) before or
+    between them; a chunk of odd size is followed by a pad byte. The first ``fmt `` and the
+    first ``data`` chunk count; the walk stops once both are found, or at a chunk that
+    runs past the end of the file.
+
+    Returns:
+      int32 ``(fmt body offset, data body offset, data size)``; where a chunk is missing,
+      the fmt body offset is ``size`` (its fields then read as zeros) and the data size -1.
+    """
+    missing = tf.constant(-1)
+
+    def searching(offset, fmt, data, data_size):
+        del data_size
+        return tf.logical_and(offset + 8 <= size, tf.logical_or(fmt < 0, data < 0))
+
+    def next_chunk(offset, fmt, data, data_size):
+        chunk_id, chunk_size = tf.unstack(_words(contents, offset, 8, tf.int32))
+        fmt = tf.where(tf.logical_and(fmt < 0, tf.equal(chunk_id, _FMT_ID)), offset, fmt)
+        is_data = tf.logical_and(data < 0, tf.equal(chunk_id, _DATA_ID))
+        data = tf.where(is_data, offset, data)
+        data_size = tf.where(is_data, chunk_size, data_size)
+        # Sizes of 2 GiB and more read as negative int32: they run past the end too.
+        inside = tf.logical_and(chunk_size >= 0, chunk_size <= size - offset - 8)
+        offset = tf.where(inside, offset + 8 + chunk_size + chunk_size % 2, size)
+        return offset, fmt, data, data_size
+
+    _, fmt, data, data_size = tf.while_loop(
+        searching, next_chunk, (tf.constant(12), missing, missing, missing),
+        maximum_iterations=64)
+    return tf.where(fmt < 0, size, fmt + 8), data + 8, data_size
+
+
+class _WavLayout(NamedTuple):
+    """Where a RIFF/WAVE file's samples are and how they are laid out (int32 scalars).
+
+    Attributes:
+      encoding: 1 integer PCM, 3 IEEE float (for WAVE_FORMAT_EXTENSIBLE, its sub-format).
+      channels: samples per frame.
+      rate: sample rate in Hz.
+      bits: bits per sample (the container size: 24 for packed 24-bit samples).
+      data_offset: offset of the first sample (the ``data`` chunk's body).
+      data_size: size of the ``data`` chunk's body in bytes.
+    """
+
+    encoding: tf.Tensor
+    channels: tf.Tensor
+    rate: tf.Tensor
+    bits: tf.Tensor
+    data_offset: tf.Tensor
+    data_size: tf.Tensor
+
+
+def _wav_layout_at(contents: tf.Tensor, fmt_body, data_offset, data_size) -> _WavLayout:
+    """The layout, the ``fmt `` chunk's body at ``fmt_body`` (zeros past the end)."""
+    # The body as 16-bit words: format tag, channels, rate (2 words), byte rate (2), block
+    # align, bits per sample, extension size, valid bits, channel mask (2) and the
+    # sub-format GUID, whose first word is the encoding of WAVE_FORMAT_EXTENSIBLE.
+    words = tf.unstack(tf.cast(_words(contents, fmt_body, 26, tf.uint16), tf.int32))
+    tag = words[0]
+    return _WavLayout(tf.where(tag == 0xFFFE, words[12], tag), words[1],
+                      words[2] + words[3] * 65536, words[7], data_offset, data_size)
+
+
+def _wav_layout(contents: tf.Tensor, accepts: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+                refusal: str) -> _WavLayout:
+    """Finds a RIFF/WAVE file's ``fmt `` and ``data`` chunks and reads its format.
+
+    Most files hold the ``fmt `` chunk (of even size) then the ``data`` chunk, and are
+    valid: that is checked and read straight away in a few graph nodes (the decoders run
+    once per file). Any other file takes the other branch of a (stateless) cond: walking
+    its chunks (:func:`_walk_wav_chunks`), then checking what it found.
+
+    Args:
+      contents: the file's bytes.
+      accepts: ``(encoding, bits) -> bool tensor``, whether the sample format is wanted.
+      refusal: the error message for a sample format ``accepts`` refuses.
+
+    Returns:
+      The layout.
+
+    Raises (in-graph), with a message naming the problem: no ``fmt `` chunk (or one with
+    no channels); no ``data`` chunk, or one running past the end of the file (a truncated
+    file); a sample format ``accepts`` refuses.
+    """
+    size = tf.strings.length(contents)
+
+    def problems(layout: _WavLayout) -> list[tuple[tf.Tensor, str]]:
+        return [
+            (layout.channels > 0, "corrupt WAV: no fmt chunk, or one with no channels"),
+            (tf.logical_and(layout.data_size >= 0,
+                            layout.data_size <= size - layout.data_offset),
+             "corrupt or truncated WAV: no data chunk, or one running past the end of the "
+             "file"),
+            (accepts(layout.encoding, layout.bits), refusal),
+        ]
+
+    # "RIFF", its size, "WAVE", then the first chunk's id and size.
+    _, _, _, fmt_id, fmt_size = tf.unstack(_words(contents, 0, 20, tf.int32))
+    after_fmt = tf.clip_by_value(20 + fmt_size, 0, size)
+    data_id, data_size = tf.unstack(_words(contents, after_fmt, 8, tf.int32))
+    straight = _wav_layout_at(contents, tf.minimum(20, size), after_fmt + 8, data_size)
+    fine = [tf.equal(fmt_id, _FMT_ID), tf.equal(data_id, _DATA_ID)]
+    fine += [ok for ok, _ in problems(straight)]
+
+    def walked():
+        layout = _wav_layout_at(contents, *_walk_wav_chunks(contents, size))
+        return tf.stack(layout) + tf.add_n([_fail_unless(ok, message)
+                                            for ok, message in problems(layout)])
+
+    packed = tf.cond(tf.reduce_all(tf.stack(fine)), lambda: tf.stack(straight), walked)
+    return _WavLayout(*tf.unstack(packed, len(_WavLayout._fields)))
+
+
+def _int24_left_aligned(data: tf.Tensor) -> tf.Tensor:
+    """Packed little-endian 24-bit samples -> int32, times 256 (left-aligned)."""
+    b = tf.cast(tf.reshape(tf.io.decode_raw(data, tf.int8), [-1, 3]), tf.int32)
+    # The two low bytes are unsigned; the top byte carries the sign.
+    return (tf.bitwise.bitwise_and(b[:, 0], 0xFF) * 256
+            + tf.bitwise.bitwise_and(b[:, 1], 0xFF) * 65536 + b[:, 2] * 16777216)
+
+
+def _wav_samples(contents: tf.Tensor, layout: _WavLayout, sample_format: str) -> tf.Tensor:
+    """The samples of a WAV file -> float32 ``[frames, channels]``, the format known.
+
+    A partial frame at the end of the ``data`` chunk is dropped.
+    """
+    _, depths, offset, scale = _WAV_SAMPLE_FORMATS[sample_format]
+    width = depths[0] // 8 if len(depths) == 1 else layout.bits // 8
+    frame = layout.channels * width
+    frames = layout.data_size // frame
+    data = tf.strings.substr(contents, layout.data_offset, frames * frame)
+    if sample_format == "pcm32":
+        samples = tf.cond(tf.equal(width, 4),
+                          lambda: tf.io.decode_raw(data, tf.int32, little_endian=True),
+                          lambda: _int24_left_aligned(data))
+    else:
+        dtype = {"pcm8": tf.uint8, "pcm16": tf.int16, "float32": tf.float32}[sample_format]
+        samples = tf.io.decode_raw(data, dtype, little_endian=True)
+    audio = tf.reshape(samples, [frames, layout.channels])
+    return audio if sample_format == "float32" else _scaled(audio, scale, offset)
 
 
 def _container(contents: tf.Tensor) -> tf.Tensor:
@@ -309,9 +463,10 @@ def decode_audio(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Decodes an audio file of any supported format (WAV, FLAC, Ogg Vorbis, MP3).
 
     The container is recognised from its magic bytes, its header parsed in-graph for the
-    sample rate and sample format, and the samples decoded with tensorflow-io's stateless
-    decoders. (tfio's ``AudioIOTensor`` reads rate and type for us but holds a shared
-    resource per op, which races when tf.data decodes files in parallel.)
+    sample rate and sample format, and the samples decoded: WAV by our decoder of TF core
+    ops, the others by tensorflow-io's stateless decoders. (tfio's ``AudioIOTensor`` reads
+    rate and type for us but holds a shared resource per op, which races when tf.data
+    decodes files in parallel.)
 
     Args:
       path: scalar string tensor, the file's path.
@@ -326,20 +481,18 @@ def decode_audio(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     kind = _container(contents)
 
     def wav():
-        encoding, _, rate, bits = _wav_header(contents)
-        pcm = tf.equal(encoding, 1)
-        cases = tf.stack([tf.logical_and(pcm, tf.equal(bits, 16)),
-                          tf.logical_and(pcm, tf.logical_or(tf.equal(bits, 24),
-                                                            tf.equal(bits, 32))),
-                          tf.logical_and(pcm, tf.equal(bits, 8)),
-                          tf.logical_and(tf.equal(encoding, 3), tf.equal(bits, 32))])
-        tf.debugging.assert_equal(tf.reduce_any(cases), True,
-                                  message="unsupported WAV encoding (need PCM 8/16/24/32-bit "
-                                          "or 32-bit float)")
+        formats = list(_WAV_SAMPLE_FORMATS)
+
+        def supported(encoding, bits):
+            return tf.reduce_any(tf.stack([_is_wav_format(encoding, bits, f)
+                                           for f in formats]))
+
+        layout = _wav_layout(contents, supported, "unsupported WAV encoding (need PCM "
+                                                  "8/16/24/32-bit or 32-bit float)")
+        cases = tf.stack([_is_wav_format(layout.encoding, layout.bits, f) for f in formats])
         branch = tf.cast(tf.argmax(tf.cast(cases, tf.int32)), tf.int32)
-        decoders = [functools.partial(_decode_wav_samples, contents, sample_format)
-                    for sample_format in ("pcm16", "pcm32", "pcm8", "float32")]
-        return tf.switch_case(branch, decoders), rate
+        decoders = [functools.partial(_wav_samples, contents, layout, f) for f in formats]
+        return tf.switch_case(branch, decoders), tf.cast(layout.rate, tf.int64)
 
     def flac():
         rate, bits = _flac_rate(contents)
@@ -448,8 +601,8 @@ def normalize_level(waveform: tf.Tensor, mode: str, level_db: float) -> tf.Tenso
 def decode_wav(path: tf.Tensor, sample_format: str) -> tf.Tensor:
     """Decodes a WAV file whose sample format is known (from :func:`read_audio_header`).
 
-    The lean path: tfio's stateless WAV decoder alone, without the container and format
-    dispatch of :func:`decode_audio` (a much smaller graph); same output as
+    The lean path: the WAV decoder for that sample format alone, without the container and
+    format dispatch of :func:`decode_audio` (a much smaller graph); same output as
     :func:`decode_audio` for the file.
 
     Args:
@@ -461,12 +614,16 @@ def decode_wav(path: tf.Tensor, sample_format: str) -> tf.Tensor:
 
     Raises:
       ValueError: unknown ``sample_format``.
-      tf.errors.OpError: the file is missing, unreadable, corrupt or not in that format.
+      tf.errors.OpError: the file is missing, unreadable, corrupt, truncated or not in that
+        format.
     """
     if sample_format not in _WAV_SAMPLE_FORMATS:
         raise ValueError(f"sample_format must be one of {sorted(_WAV_SAMPLE_FORMATS)}, "
                          f"got {sample_format!r}")
-    return _decode_wav_samples(tf.io.read_file(path), sample_format)
+    contents = tf.io.read_file(path)
+    layout = _wav_layout(contents, functools.partial(_is_wav_format, sample_format=sample_format),
+                         f"WAV sample format differs from the one probed ({sample_format})")
+    return _wav_samples(contents, layout, sample_format)
 
 
 def load_waveform(path: tf.Tensor, config: AudioConfig, rate: int | None = None,

@@ -6,7 +6,7 @@ The flow:
    (:func:`group_by_header`: sample rate and, for WAV files, sample format), then decodes
    each group of alike files in parallel (``AUTOTUNE``) with a graph made for that group
    alone (:func:`decoding_dataset`: a resampler built for that rate and, for WAV files,
-   tfio's WAV decoder for that sample format instead of the format-sniffing decoder),
+   the WAV decoder for that sample format instead of the format-sniffing decoder),
    conditions the audio (:func:`ser_tf.data.audio.load_waveform`) and caches the
    waveforms (in memory, or in a cache file for corpora larger than RAM). Small graphs
    matter: tf.data instantiates its map functions again for every iterator. This single
