@@ -9,8 +9,9 @@ BENCH_STAMP := $(VENV)/.installed-bench
 CLEVERHANS := cleverhans==4.0.0
 
 CORPUS ?= synthetic
+MODEL ?= cnn_lstm
 DATA_DIR ?=
-WORKDIR ?= runs/$(CORPUS)
+WORKDIR ?= runs/$(CORPUS)$(if $(filter-out cnn_lstm,$(MODEL)),_$(MODEL),)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: run test test-fast bench lint clean venv
@@ -32,7 +33,7 @@ $(BENCH_STAMP): $(STAMP)
 	@touch $(BENCH_STAMP)
 
 run: $(STAMP)
-	$(PY) -m trainers.train --flagfile=configs/$(CORPUS)_cnn_lstm.flags --workdir=$(WORKDIR) \
+	$(PY) -m trainers.train --flagfile=configs/$(CORPUS)_$(MODEL).flags --workdir=$(WORKDIR) \
 	  $(if $(DATA_DIR),--data_dir=$(DATA_DIR),)
 
 test: $(STAMP)
