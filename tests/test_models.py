@@ -12,7 +12,7 @@ from scipy import stats
 
 from ser_tf.frontend import dct_matrix, deltas
 from ser_tf.models import MODELS, ModelConfig, SERModel, build_model
-from ser_tf.models.layers import STATISTICS, UtteranceStatistics
+from ser_tf.models.layers import DESCRIPTORS, STATISTICS, UtteranceStatistics
 
 LABELS = ("anger", "neutral", "sadness")
 
@@ -25,7 +25,8 @@ def _small(name: str) -> ModelConfig:
 
 # Every registered model, plus the CNN-LSTM with its functionals branch.
 VARIANTS = {**{name: _small(name) for name in MODELS},
-            "cnn_lstm+statistics": dataclasses.replace(_small("cnn_lstm"), statistics=True)}
+            "cnn_lstm+statistics": dataclasses.replace(_small("cnn_lstm"), statistics=True,
+                                                       descriptors=DESCRIPTORS)}
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -75,7 +76,10 @@ def _numpy_functionals(features: np.ndarray, n_cepstra: int) -> np.ndarray:
     static = features[..., 0]
     cep = static @ dct_matrix(static.shape[-1], n_cepstra)
     d = deltas(tf.constant(cep)).numpy()
-    desc = np.concatenate([static, static.mean(-1, keepdims=True), cep, d], axis=-1)
+    dd = deltas(tf.constant(d)).numpy()
+    change = np.diff(static, axis=1, prepend=static[:, :1])
+    flux = np.sqrt((change ** 2).mean(-1, keepdims=True) + 1e-6)
+    desc = np.concatenate([static, static.mean(-1, keepdims=True), cep, d, dd, flux], axis=-1)
     frames = desc.shape[1]
     t = np.arange(frames, dtype=np.float64)
     t = (t - t.mean()) / t.std()
@@ -96,7 +100,7 @@ def _numpy_functionals(features: np.ndarray, n_cepstra: int) -> np.ndarray:
 def test_utterance_statistics_match_numpy_reference():
     x = np.random.default_rng(1).standard_normal((3, 57, 12, 1)).astype(np.float32)
     x += np.linspace(0.0, 2.0, 57, dtype=np.float32)[None, :, None, None]  # a trend
-    layer = UtteranceStatistics(n_cepstra=5)
+    layer = UtteranceStatistics(n_cepstra=5, descriptors=DESCRIPTORS)
     got = layer(x).numpy()
     assert got.shape == (3, layer.output_size(12))
     np.testing.assert_allclose(got, _numpy_functionals(x, 5), atol=2e-4)
@@ -105,7 +109,7 @@ def test_utterance_statistics_match_numpy_reference():
 def test_utterance_statistics_gradient_reaches_every_frame():
     x = tf.Variable(tf.random.normal([2, 40, 12, 1]))
     with tf.GradientTape() as tape:
-        y = tf.reduce_sum(UtteranceStatistics(n_cepstra=4)(x) ** 2)
+        y = tf.reduce_sum(UtteranceStatistics(n_cepstra=4, descriptors=DESCRIPTORS)(x) ** 2)
     grad = tape.gradient(y, x).numpy()
     assert np.all(np.isfinite(grad))
     assert np.all(np.abs(grad).sum(axis=(2, 3)) > 0)
@@ -114,5 +118,16 @@ def test_utterance_statistics_gradient_reaches_every_frame():
 def test_utterance_statistics_rejects_bad_config():
     with pytest.raises(ValueError, match="unknown statistics"):
         UtteranceStatistics(statistics=("mean", "entropy"))
+    with pytest.raises(ValueError, match="unknown descriptors"):
+        UtteranceStatistics(descriptors=("spectrum", "pitch"))
+    with pytest.raises(ValueError, match="need n_cepstra"):
+        UtteranceStatistics(n_cepstra=0, descriptors=("spectrum", "deltas"))
     with pytest.raises(ValueError, match="exceeds"):
         UtteranceStatistics(n_cepstra=20).build((None, None, 12, 1))
+
+
+def test_utterance_statistics_descriptor_subset_is_a_slice_of_the_full_set():
+    x = np.random.default_rng(2).standard_normal((2, 30, 10, 1)).astype(np.float32)
+    full = UtteranceStatistics(n_cepstra=4, statistics=("mean",), descriptors=DESCRIPTORS)
+    part = UtteranceStatistics(n_cepstra=4, statistics=("mean",), descriptors=("flux",))
+    np.testing.assert_allclose(part(x).numpy(), full(x).numpy()[:, -1:], atol=1e-6)

@@ -75,6 +75,9 @@ flags.DEFINE_bool("statistics", False, "CNN-LSTM: add an utterance-functionals b
                   "(mean, std, percentiles, moments, slope of spectral and cepstral "
                   "descriptors) read by the output layer beside the BiLSTM.")
 flags.DEFINE_integer("n_cepstra", 20, "Cepstral coefficients of the functionals' descriptors.")
+flags.DEFINE_list("descriptors", ["spectrum", "level", "cepstra", "deltas"],
+                  "Frame-level descriptors the functionals summarise: spectrum, level, "
+                  "cepstra, deltas, delta_deltas, flux.")
 flags.DEFINE_float("stats_dropout", 0.5, "Dropout on the standardised functionals.")
 # -- training ------------------------------------------------------------------------------
 flags.DEFINE_enum("trainer", "standard", ["standard"], "Training method.")
@@ -133,6 +136,7 @@ def build_config():
                         chunk_units=FLAGS.chunk_units, lstm_units=FLAGS.lstm_units,
                         dense_units=FLAGS.dense_units, dropout=FLAGS.dropout,
                         statistics=FLAGS.statistics, n_cepstra=FLAGS.n_cepstra,
+                        descriptors=tuple(FLAGS.descriptors),
                         stats_dropout=FLAGS.stats_dropout)
     augment = AugmentConfig(gain_db=FLAGS.aug_gain_db, noise_snr_db=snr or None,
                             noise_prob=FLAGS.aug_noise_prob, shift_s=FLAGS.aug_shift_s,

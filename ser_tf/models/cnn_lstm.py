@@ -17,7 +17,7 @@ from typing import Sequence
 
 import keras
 
-from ser_tf.models.layers import ChunkEncoder, UtteranceStatistics
+from ser_tf.models.layers import BASE_DESCRIPTORS, ChunkEncoder, UtteranceStatistics
 
 
 def cnn_lstm_classifier(num_classes: int, bins: int, channels: int, *,
@@ -25,6 +25,7 @@ def cnn_lstm_classifier(num_classes: int, bins: int, channels: int, *,
                         conv_filters: Sequence[int] = (16, 32, 64), chunk_units: int = 128,
                         lstm_units: int = 64, dropout: float = 0.3, statistics: bool = False,
                         n_cepstra: int = 20, stats_dropout: float = 0.5,
+                        descriptors: Sequence[str] = BASE_DESCRIPTORS,
                         name: str = "cnn_lstm") -> keras.Model:
     """Builds the classifier network ``[batch, frames, bins, C]`` -> logits.
 
@@ -41,6 +42,7 @@ def cnn_lstm_classifier(num_classes: int, bins: int, channels: int, *,
       statistics: add the utterance-functionals branch.
       n_cepstra: cepstral coefficients of that branch's descriptors.
       stats_dropout: dropout on the standardised functionals.
+      descriptors: frame-level descriptors of that branch (see ``UtteranceStatistics``).
       name: model name.
 
     Returns:
@@ -56,21 +58,23 @@ def cnn_lstm_classifier(num_classes: int, bins: int, channels: int, *,
         keras.layers.GlobalMaxPooling1D(name="max_pool")(x)])
     x = keras.layers.Dropout(dropout, name="dropout")(pooled)
     if statistics:
-        x = keras.layers.Concatenate(name="fuse")([x, statistics_branch(inputs, n_cepstra,
-                                                                        stats_dropout)])
+        x = keras.layers.Concatenate(name="fuse")([
+            x, statistics_branch(inputs, n_cepstra, stats_dropout, descriptors)])
     logits = keras.layers.Dense(num_classes, name="logits")(x)
     return keras.Model(inputs, logits, name=name)
 
 
-def statistics_branch(features, n_cepstra: int = 20, dropout: float = 0.5):
+def statistics_branch(features, n_cepstra: int = 20, dropout: float = 0.5,
+                      descriptors: Sequence[str] = BASE_DESCRIPTORS):
     """Utterance functionals of ``features``, standardised (BatchNorm) and dropped out."""
-    x = UtteranceStatistics(n_cepstra, name="functionals")(features)
+    x = UtteranceStatistics(n_cepstra, descriptors=descriptors, name="functionals")(features)
     x = keras.layers.BatchNormalization(momentum=0.9, name="functionals_bn")(x)
     return keras.layers.Dropout(dropout, name="functionals_dropout")(x)
 
 
 def functionals_classifier(num_classes: int, bins: int, channels: int, *, n_cepstra: int = 20,
-                           dropout: float = 0.5, name: str = "functionals") -> keras.Model:
+                           dropout: float = 0.5, descriptors: Sequence[str] = BASE_DESCRIPTORS,
+                           name: str = "functionals") -> keras.Model:
     """Linear classifier on utterance functionals alone (the classical SER recipe, in-graph).
 
     Args:
@@ -79,12 +83,13 @@ def functionals_classifier(num_classes: int, bins: int, channels: int, *, n_ceps
       channels: feature channels (only the static channel is summarised).
       n_cepstra: cepstral coefficients of the descriptors.
       dropout: dropout on the standardised functionals.
+      descriptors: frame-level descriptors (see ``UtteranceStatistics``).
       name: model name.
 
     Returns:
       A functional Keras model returning logits.
     """
     inputs = keras.Input((None, bins, channels), name="features")
-    x = statistics_branch(inputs, n_cepstra, dropout)
+    x = statistics_branch(inputs, n_cepstra, dropout, descriptors)
     logits = keras.layers.Dense(num_classes, name="logits")(x)
     return keras.Model(inputs, logits, name=name)

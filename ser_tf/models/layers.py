@@ -98,6 +98,13 @@ class ChunkEncoder(keras.layers.Layer):
 
 STATISTICS = ("mean", "std", "min", "max", "p10", "p50", "p90", "iqr", "skew", "kurtosis",
               "slope")
+# Frame-level descriptors, in output order: the static channel's bins ("spectrum"), the
+# frame's mean level, cepstra (a DCT of the bins), their deltas and delta-deltas, and the
+# spectral flux (RMS change of the bins from the previous frame).
+DESCRIPTORS = ("spectrum", "level", "cepstra", "deltas", "delta_deltas", "flux")
+# The layer's default set, kept as it was first saved so that older models load unchanged;
+# ModelConfig asks for all of DESCRIPTORS.
+BASE_DESCRIPTORS = ("spectrum", "level", "cepstra", "deltas")
 
 
 @keras.saving.register_keras_serializable(package="ser_tf")
@@ -105,26 +112,35 @@ class UtteranceStatistics(keras.layers.Layer):
     """Statistical functionals over time of frame-level descriptors (openSMILE-style).
 
     ``[batch, frames, bins, C]`` normalised features -> ``[batch, D]``. The frame-level
-    descriptors are the static channel's ``bins`` values, ``n_cepstra`` cepstral
-    coefficients (an orthonormal DCT of them), the cepstra's regression deltas and the
-    frame's mean level; each is summarised over time by every statistic in ``statistics``.
-    Utterance-level functionals of spectral and cepstral descriptors are what the strongest
-    classical SER systems classify (ComParE feature sets with a linear SVM); computed here
-    from the model's own features, they are differentiable end to end (percentiles through
-    ``tf.sort``), so waveform attacks see the true gradient.
+    descriptors (:data:`DESCRIPTORS`) are the static channel's ``bins`` values, the
+    frame's mean level, ``n_cepstra`` cepstral coefficients (an orthonormal DCT of the
+    bins), their regression deltas and delta-deltas, and the spectral flux; each is
+    summarised over time by every statistic in ``statistics``. Utterance-level functionals
+    of spectral and cepstral descriptors are what the strongest classical SER systems
+    classify (ComParE feature sets with a linear SVM); computed here from the model's own
+    features, they are differentiable end to end (percentiles through ``tf.sort``), so
+    waveform attacks see the true gradient.
 
     Args:
-      n_cepstra: cepstral coefficients (0: none, and no deltas).
+      n_cepstra: cepstral coefficients (the cepstral descriptors need at least one).
       statistics: names from :data:`STATISTICS`.
+      descriptors: names from :data:`DESCRIPTORS`.
     """
 
-    def __init__(self, n_cepstra: int = 20, statistics: Sequence[str] = STATISTICS, **kwargs):
+    def __init__(self, n_cepstra: int = 20, statistics: Sequence[str] = STATISTICS,
+                 descriptors: Sequence[str] = BASE_DESCRIPTORS, **kwargs):
         super().__init__(**kwargs)
-        unknown = sorted(set(statistics) - set(STATISTICS))
-        if unknown or not statistics:
-            raise ValueError(f"unknown statistics {unknown}; choose from {STATISTICS}")
+        for name, given, known in (("statistics", statistics, STATISTICS),
+                                   ("descriptors", descriptors, DESCRIPTORS)):
+            unknown = sorted(set(given) - set(known))
+            if unknown or not given:
+                raise ValueError(f"unknown {name} {unknown}; choose from {known}")
         self.n_cepstra = int(n_cepstra)
         self.statistics = [str(s) for s in statistics]
+        self.descriptor_names = [d for d in DESCRIPTORS if d in set(descriptors)]
+        cepstral = {"cepstra", "deltas", "delta_deltas"} & set(self.descriptor_names)
+        if cepstral and self.n_cepstra < 1:
+            raise ValueError(f"descriptors {sorted(cepstral)} need n_cepstra >= 1")
 
     def build(self, input_shape):
         bins = input_shape[2]
@@ -138,10 +154,22 @@ class UtteranceStatistics(keras.layers.Layer):
     def descriptors(self, features: tf.Tensor) -> tf.Tensor:
         """Frame-level descriptors ``[batch, frames, D0]`` from ``[batch, frames, bins, C]``."""
         static = features[..., 0]
-        parts = [static, tf.reduce_mean(static, axis=-1, keepdims=True)]
-        if self._dct is not None:
+        wanted = set(self.descriptor_names)
+        parts = []
+        if "spectrum" in wanted:
+            parts.append(static)
+        if "level" in wanted:
+            parts.append(tf.reduce_mean(static, axis=-1, keepdims=True))
+        if wanted & {"cepstra", "deltas", "delta_deltas"}:
             cepstra = tf.matmul(static, self._dct)
-            parts += [cepstra, deltas(cepstra)]
+            d1 = deltas(cepstra)
+            parts += [c for name, c in (("cepstra", cepstra), ("deltas", d1)) if name in wanted]
+            if "delta_deltas" in wanted:
+                parts.append(deltas(d1))
+        if "flux" in wanted:
+            change = static - tf.concat([static[:, :1], static[:, :-1]], axis=1)
+            # The epsilon keeps the square root's gradient finite on a repeated frame.
+            parts.append(tf.sqrt(tf.reduce_mean(change ** 2, axis=-1, keepdims=True) + 1e-6))
         return tf.concat(parts, axis=-1)
 
     def call(self, features: tf.Tensor) -> tf.Tensor:
@@ -179,13 +207,15 @@ class UtteranceStatistics(keras.layers.Layer):
 
     def output_size(self, bins: int) -> int:
         """Length of the output vector for ``bins`` feature bins."""
-        per = bins + 1 + 2 * self.n_cepstra
-        return per * len(self.statistics)
+        sizes = {"spectrum": bins, "level": 1, "cepstra": self.n_cepstra,
+                 "deltas": self.n_cepstra, "delta_deltas": self.n_cepstra, "flux": 1}
+        return sum(sizes[d] for d in self.descriptor_names) * len(self.statistics)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.output_size(input_shape[2]))
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(n_cepstra=self.n_cepstra, statistics=self.statistics)
+        config.update(n_cepstra=self.n_cepstra, statistics=self.statistics,
+                      descriptors=self.descriptor_names)
         return config

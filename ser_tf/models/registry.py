@@ -11,6 +11,7 @@ from ser_tf.frontend import FeatureNormalization, LogMelFrontend, SpecAugment
 from ser_tf.models.base import SERModel
 from ser_tf.models.cnn import cnn_classifier
 from ser_tf.models.cnn_lstm import cnn_lstm_classifier, functionals_classifier
+from ser_tf.models.layers import BASE_DESCRIPTORS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,8 @@ class ModelConfig:
       statistics: CNN-LSTM: add the utterance-functionals branch.
       n_cepstra: cepstral coefficients of the functionals' descriptors.
       stats_dropout: dropout on the standardised functionals.
+      descriptors: frame-level descriptors of the functionals (names from
+        ``ser_tf.models.layers.DESCRIPTORS``).
     """
 
     name: str = "cnn_lstm"
@@ -62,6 +65,7 @@ class ModelConfig:
     statistics: bool = False
     n_cepstra: int = 20
     stats_dropout: float = 0.5
+    descriptors: Sequence[str] = BASE_DESCRIPTORS
 
 
 def _cnn_lstm(cfg: ModelConfig, num_classes: int, bins: int, channels: int) -> keras.Model:
@@ -69,12 +73,13 @@ def _cnn_lstm(cfg: ModelConfig, num_classes: int, bins: int, channels: int) -> k
                                hop_frames=cfg.hop_frames, conv_filters=cfg.conv_filters,
                                chunk_units=cfg.chunk_units, lstm_units=cfg.lstm_units,
                                dropout=cfg.dropout, statistics=cfg.statistics,
-                               n_cepstra=cfg.n_cepstra, stats_dropout=cfg.stats_dropout)
+                               n_cepstra=cfg.n_cepstra, stats_dropout=cfg.stats_dropout,
+                               descriptors=cfg.descriptors)
 
 
 def _functionals(cfg: ModelConfig, num_classes: int, bins: int, channels: int) -> keras.Model:
     return functionals_classifier(num_classes, bins, channels, n_cepstra=cfg.n_cepstra,
-                                  dropout=cfg.stats_dropout)
+                                  dropout=cfg.stats_dropout, descriptors=cfg.descriptors)
 
 
 def _cnn(cfg: ModelConfig, num_classes: int, bins: int, channels: int) -> keras.Model:
