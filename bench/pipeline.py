@@ -7,7 +7,7 @@ window, 10 ms hop). The contenders:
   is read in Python (``group_by_header``: sample rate and WAV sample format, a few bytes
   per file), then ``decoding_dataset(paths, groups, AudioConfig(16000, trim_db=None,
   normalize="none"))``: per group of alike files a ``tf.data.Dataset`` of paths ->
-  ``map(load_waveform(path, config, rate=r, wav_format=f), AUTOTUNE)`` (tfio's WAV
+  ``map(load_waveform(path, config, rate=r, wav_format=f), AUTOTUNE)`` (the in-graph WAV
   decoder for that sample format alone and a resampler built for that rate; the
   format-sniffing decoder for other containers) -> ``ignore_errors``, the groups
   concatenated; then ``map(LogMelFrontend on each waveform, AUTOTUNE)`` -> ``prefetch``.
@@ -507,7 +507,7 @@ def to_markdown(report: dict) -> str:
         "`group_by_header` reads each file's header in Python (sample rate, WAV sample "
         "format), then `decoding_dataset`: per group of alike files `tf.data` of paths -> "
         "`map(load_waveform(path, config, rate=r, wav_format=f), AUTOTUNE)` (AudioConfig "
-        "16 kHz, no trimming, no normalisation; tfio's WAV decoder for that sample format "
+        "16 kHz, no trimming, no normalisation; the in-graph WAV decoder for that sample format "
         "alone and a resampler built for that rate) -> `ignore_errors`, groups "
         "concatenated -> `map(LogMelFrontend on each waveform, AUTOTUNE)` -> `prefetch`; "
         "the header reading is timed in every pass. **ser_tf run-time dispatch**: "

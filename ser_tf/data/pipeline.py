@@ -134,8 +134,8 @@ class DecodeGroup:
 
     Attributes:
       rate: their sample rate.
-      wav_format: their WAV sample format (decoded by tfio's WAV decoder alone), or None
-        (the format-sniffing decoder).
+      wav_format: their WAV sample format (decoded by the WAV decoder for that format
+        alone), or None (the format-sniffing decoder).
       members: their indices in the list of paths, in order.
     """
 
