@@ -1,0 +1,247 @@
+"""White-box attacks: CleverHans where it works under Keras 3, our own CW-L2 where it does not.
+
+Every attack has the same calling convention::
+
+    x_adv = attack(model_fn, x, *, budget, y=None, targeted=False, **options)
+
+``model_fn`` maps a batch (waveforms ``[B, samples]`` or normalised features
+``[B, frames, bins, C]``; any rank) to logits. ``budget`` is a
+:class:`ser_tf.attacks.budget.Budget`; its norm (L-inf or L2) is the attack's norm, and
+its radius is per example (relative to each utterance's peak or energy for waveforms). ``y``
+holds the true labels for an untargeted attack (default: the model's own predictions, to
+avoid label leaking) or the target labels when ``targeted=True``.
+
+The gradient attacks (FGSM/FGM, BIM, PGD, MIM) are CleverHans 4.0's TF2 functions, run in
+the budget's scaled space (:func:`ser_tf.attacks.budget.scaled_problem`), where one scalar
+epsilon serves every example, as CleverHans requires. CleverHans' Carlini-Wagner L2 does not
+run under Keras 3 (DESIGN.md), so :func:`carlini_wagner_l2` is written here: batched, for
+inputs of any rank. Every result goes through :func:`ser_tf.attacks.budget.project`, so no
+attack leaves its ball or the valid sample range.
+
+Wrap calls in ``tf.function`` for speed (the runner does); they also run eagerly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+from cleverhans.tf2.attacks.fast_gradient_method import fast_gradient_method
+from cleverhans.tf2.attacks.momentum_iterative_method import momentum_iterative_method
+from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
+
+from ser_tf.attacks.budget import Budget, project, scaled_problem
+
+ModelFn = Callable[[tf.Tensor], tf.Tensor]
+
+
+def _labels(model_fn: ModelFn, x: tf.Tensor, y, targeted: bool) -> tf.Tensor:
+    if y is None:
+        if targeted:
+            raise ValueError("a targeted attack needs the target labels y")
+        return tf.argmax(model_fn(x), axis=-1, output_type=tf.int32)
+    return tf.cast(tf.convert_to_tensor(y), tf.int32)
+
+
+def _prepare(model_fn: ModelFn, x, y, targeted: bool, budget: Budget):
+    x = tf.convert_to_tensor(x, tf.float32)
+    y = _labels(model_fn, x, y, targeted)
+    return x, y, scaled_problem(model_fn, x, budget)
+
+
+def _loss(logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+
+
+def fgm(model_fn: ModelFn, x, *, budget: Budget, y=None, targeted: bool = False) -> tf.Tensor:
+    """Fast gradient method (Goodfellow et al. 2015): one step of the budget's size.
+
+    With an L-inf budget this is FGSM (the sign of the gradient); with an L2 budget, FGM
+    (the normalised gradient).
+    """
+    x, y, p = _prepare(model_fn, x, y, targeted, budget)
+    z_adv = fast_gradient_method(p.model_fn, p.z, p.eps, budget.norm, clip_min=p.clip_min,
+                                 clip_max=p.clip_max, y=y, targeted=targeted)
+    return project(x, p.unscale(z_adv), budget)
+
+
+def fgsm(model_fn: ModelFn, x, *, budget: Budget, y=None, targeted: bool = False) -> tf.Tensor:
+    """FGSM: :func:`fgm` under an L-inf budget (an L2 budget is an error: use ``fgm``)."""
+    if budget.norm != np.inf:
+        raise ValueError(f"fgsm is the L-inf attack; budget {budget.kind} is L2 (use fgm)")
+    return fgm(model_fn, x, budget=budget, y=y, targeted=targeted)
+
+
+def pgd(model_fn: ModelFn, x, *, budget: Budget, y=None, targeted: bool = False,
+        steps: int = 10, step_size: float | None = None, random_start: bool = True,
+        restarts: int = 1) -> tf.Tensor:
+    """Projected gradient descent (Madry et al. 2018), L-inf or L2 after the budget.
+
+    Args:
+      model_fn, x, budget, y, targeted: see the module docstring.
+      steps: gradient steps per run.
+      step_size: step as a fraction of the radius (default ``2.5 / steps``, Madry's rule,
+        at most 1).
+      random_start: start from a uniform point of the ball (BIM when False).
+      restarts: independent random starts; per example the most successful run is kept
+        (a misclassification, else the highest loss).
+
+    Returns:
+      The adversarial batch, shaped like ``x``.
+    """
+    if steps < 1 or restarts < 1:
+        raise ValueError(f"steps and restarts must be >= 1, got {steps}, {restarts}")
+    x, y, p = _prepare(model_fn, x, y, targeted, budget)
+    fraction = min(1.0, 2.5 / steps) if step_size is None else float(step_size)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"step_size must be in (0, 1] of the radius, got {step_size}")
+    best, best_score = None, None
+    # The random starts draw from TF's global generator: tf.random.set_seed makes them
+    # reproducible.
+    for _ in range(restarts):
+        z_adv = projected_gradient_descent(
+            p.model_fn, p.z, p.eps, fraction * p.eps, steps, budget.norm,
+            clip_min=p.clip_min, clip_max=p.clip_max, y=y, targeted=targeted,
+            rand_init=random_start, sanity_checks=False)
+        adv = project(x, p.unscale(z_adv), budget)
+        if restarts == 1:
+            return adv
+        score = _success_score(model_fn(adv), y, targeted)
+        if best is None:
+            best, best_score = adv, score
+        else:
+            better = score > best_score
+            mask = tf.reshape(better, [-1] + [1] * (len(x.shape) - 1))
+            best = tf.where(mask, adv, best)
+            best_score = tf.where(better, score, best_score)
+    return best
+
+
+def _success_score(logits: tf.Tensor, y: tf.Tensor, targeted: bool) -> tf.Tensor:
+    """Higher is a better adversarial: success first, then the attack's loss."""
+    pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    loss = _loss(logits, y)
+    if targeted:
+        return tf.where(pred == y, 1e6, 0.0) - loss
+    return tf.where(pred != y, 1e6, 0.0) + loss
+
+
+def bim(model_fn: ModelFn, x, *, budget: Budget, y=None, targeted: bool = False,
+        steps: int = 10, step_size: float | None = None) -> tf.Tensor:
+    """Basic iterative method (Kurakin et al. 2017): PGD from the clean input."""
+    return pgd(model_fn, x, budget=budget, y=y, targeted=targeted, steps=steps,
+               step_size=step_size, random_start=False)
+
+
+def mim(model_fn: ModelFn, x, *, budget: Budget, y=None, targeted: bool = False,
+        steps: int = 10, step_size: float | None = None, decay: float = 1.0) -> tf.Tensor:
+    """Momentum iterative method (Dong et al. 2018); ``step_size`` defaults to 1/steps."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    x, y, p = _prepare(model_fn, x, y, targeted, budget)
+    fraction = 1.0 / steps if step_size is None else float(step_size)
+    z_adv = momentum_iterative_method(
+        p.model_fn, p.z, eps=p.eps, eps_iter=fraction * p.eps, nb_iter=steps,
+        norm=budget.norm, clip_min=p.clip_min, clip_max=p.clip_max, y=y, targeted=targeted,
+        decay_factor=decay, sanity_checks=False)
+    return project(x, p.unscale(z_adv), budget)
+
+
+def carlini_wagner_l2(model_fn: ModelFn, x, *, budget: Budget, y=None, targeted: bool = False,
+                      confidence: float = 0.0, steps: int = 100, search_steps: int = 5,
+                      initial_const: float = 1.0, learning_rate: float = 0.05,
+                      abort_early: bool = True) -> tf.Tensor:
+    """Carlini-Wagner L2 (2017): the smallest L2 perturbation that fools, batched.
+
+    Minimises ``d(x') + c * f(x')`` per example with Adam, where ``d`` is the squared L2
+    distance measured in units of the budget's radius (1.0 at the edge of the ball) and
+    ``f`` the margin loss ``max(Z_y - max_{j != y} Z_j + confidence, 0)`` (for a targeted
+    attack, ``max(max_{j != t} Z_j - Z_t + confidence, 0)``). A per-example binary search
+    over ``c`` keeps the smallest successful perturbation. The perturbation is optimised
+    directly; the sample range is enforced by clipping inside the objective (waveforms
+    sit far from full scale, so a change of variables buys nothing here).
+
+    The result is the smallest adversarial found, projected onto the budget: an example
+    whose smallest adversarial lies outside the ball comes back at the ball's edge (where
+    it may no longer fool the model), one with no adversarial found comes back unchanged.
+
+    Args:
+      model_fn, x, budget, y, targeted: see the module docstring (an L2 budget).
+      confidence: margin ``kappa`` the adversarial must clear.
+      steps: Adam steps per binary-search step.
+      search_steps: binary-search steps over ``c``.
+      initial_const: the first ``c``.
+      learning_rate: Adam step, as a fraction of the radius per ``sqrt(dim)`` (the size of
+        one coordinate of a perturbation spread evenly to the ball's edge).
+      abort_early: stop a search step once the objective stops improving.
+
+    Returns:
+      The adversarial batch, shaped like ``x``.
+    """
+    if budget.norm != 2:
+        raise ValueError(f"carlini_wagner_l2 needs an L2 budget (snr_db or l2), got "
+                         f"{budget.kind}")
+    if steps < 1 or search_steps < 1:
+        raise ValueError(f"steps and search_steps must be >= 1, got {steps}, {search_steps}")
+    x, y, p = _prepare(model_fn, x, y, targeted, budget)
+    batch = tf.shape(x)[0]
+    axes = list(range(1, len(x.shape)))
+    dim = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), tf.float32)
+    lr = learning_rate * p.eps / tf.sqrt(dim)
+    one_hot = tf.one_hot(y, tf.shape(model_fn(x))[-1])
+
+    def objective(delta, const):
+        z_adv = p.z + delta
+        if p.clip_min is not None:
+            z_adv = tf.clip_by_value(z_adv, p.clip_min, p.clip_max)
+        logits = p.model_fn(z_adv)
+        own = tf.reduce_sum(one_hot * logits, axis=-1)
+        other = tf.reduce_max(logits - 1e9 * one_hot, axis=-1)
+        margin = (other - own) if targeted else (own - other)
+        f = tf.maximum(margin + confidence, 0.0)
+        dist = tf.reduce_sum(tf.square(z_adv - p.z), axis=axes) / (p.eps ** 2)
+        pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        success = (pred == y) if targeted else (pred != y)
+        if confidence > 0:
+            success = success & (margin + confidence <= 0.0)
+        return dist + const * f, dist, success, z_adv
+
+    const = tf.fill([batch], tf.cast(initial_const, tf.float32))
+    lower = tf.zeros([batch])
+    upper = tf.fill([batch], np.inf)
+    best_dist = tf.fill([batch], np.inf)
+    best_z = p.z
+    expand = [-1] + [1] * (len(x.shape) - 1)
+    beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
+    for _ in range(search_steps):
+        delta = tf.zeros_like(p.z)
+        m = tf.zeros_like(p.z)
+        v = tf.zeros_like(p.z)
+        found = tf.zeros([batch], tf.bool)
+        previous = tf.fill([batch], np.inf)
+        for step in tf.range(1, steps + 1):
+            with tf.GradientTape() as tape:
+                tape.watch(delta)
+                loss, dist, success, z_adv = objective(delta, const)
+                total = tf.reduce_sum(loss)
+            grad = tape.gradient(total, delta)
+            improved = success & (dist < best_dist)
+            best_dist = tf.where(improved, dist, best_dist)
+            best_z = tf.where(tf.reshape(improved, expand), z_adv, best_z)
+            found = found | success
+            t = tf.cast(step, tf.float32)
+            m = beta1 * m + (1.0 - beta1) * grad
+            v = beta2 * v + (1.0 - beta2) * tf.square(grad)
+            m_hat = m / (1.0 - beta1 ** t)
+            v_hat = v / (1.0 - beta2 ** t)
+            delta = delta - lr * m_hat / (tf.sqrt(v_hat) + adam_eps)
+            if abort_early and step % max(1, steps // 10) == 0:
+                # Stop this search step once no example's objective improved by 0.01%.
+                if tf.reduce_all(loss > previous * 0.9999):
+                    break
+                previous = loss
+        upper = tf.where(found, tf.minimum(upper, const), upper)
+        lower = tf.where(found, lower, tf.maximum(lower, const))
+        const = tf.where(tf.math.is_finite(upper), (lower + upper) / 2.0, const * 10.0)
+    return project(x, p.unscale(best_z), budget)
