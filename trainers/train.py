@@ -25,137 +25,160 @@ from trainers import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-# -- data ----------------------------------------------------------------------------------
-flags.DEFINE_enum("corpus", "synthetic", ["emodb", "ravdess", "cremad", "tess", "manifest",
-                                          "synthetic"], "Corpus adapter.")
-flags.DEFINE_string("data_dir", "", "Corpus folder (manifest: the CSV). Synthetic: where to "
-                    "generate it (default WORKDIR/data).")
-flags.DEFINE_string("classes", "", "Class set name (emodb7, emodb5, big4, ...) or a comma "
-                    "list of emotions; empty: every emotion present.")
-flags.DEFINE_string("merge", "", "Merge labels before selection, e.g. calm:neutral.")
-flags.DEFINE_enum("on_bad_audio", "skip", ["skip", "fail"],
-                  "Bad audio files: skip (log each, count in metrics.json) or fail.")
-flags.DEFINE_integer("sample_rate", 16000, "Model sample rate; audio is resampled to it.")
-flags.DEFINE_float("trim_db", 30.0, "Trim leading/trailing audio this many dB below the "
-                   "peak (negative: no trimming).")
-flags.DEFINE_enum("normalize", "peak", ["peak", "rms", "none"], "Level normalisation.")
-flags.DEFINE_float("level_db", -1.0, "Normalisation target in dBFS.")
-flags.DEFINE_integer("synthetic_speakers", 6, "Speakers of the generated synthetic corpus.")
-flags.DEFINE_integer("synthetic_per_class", 6, "Synthetic utterances per speaker and emotion.")
-# -- protocol ------------------------------------------------------------------------------
-flags.DEFINE_enum("protocol", "speakers", ["loso", "speakers", "kfold"],
-                  "Speaker-independent protocol.")
-flags.DEFINE_list("test_speakers", [], "Held-out test speakers (--protocol=speakers).")
-flags.DEFINE_integer("folds", 5, "Speaker-disjoint folds (--protocol=kfold).")
-flags.DEFINE_integer("val_speakers", 2, "Validation speakers per fold (from training "
-                     "speakers), for early stopping.")
-flags.DEFINE_list("fold", [], "Train only these folds (e.g. fold_03); empty: all.")
-# -- model ---------------------------------------------------------------------------------
-flags.DEFINE_enum("model", "cnn_lstm", ["cnn_lstm", "cnn", "functionals"],
-                  "Model architecture.")
-flags.DEFINE_float("segment_s", 3.0, "Model input length in seconds (training crops and "
-                   "evaluation windows).")
-flags.DEFINE_integer("n_mels", 64, "Mel bands.")
-flags.DEFINE_integer("n_mfcc", 0, "0: log-mel features; else the number of MFCCs.")
-flags.DEFINE_bool("deltas", False, "Add delta and delta-delta channels.")
-flags.DEFINE_float("frame_ms", 25.0, "Analysis window (ms).")
-flags.DEFINE_float("hop_ms", 10.0, "Frame hop (ms).")
-flags.DEFINE_float("fmin", 20.0, "Lowest mel frequency (Hz).")
-flags.DEFINE_bool("per_utterance_norm", False, "Subtract each utterance's own feature mean "
-                  "(uses only that utterance: still strict).")
-flags.DEFINE_bool("specaugment", True, "SpecAugment masking while training.")
-flags.DEFINE_list("conv_filters", ["16", "32", "64"], "Filters per conv block.")
-flags.DEFINE_integer("chunk_frames", 32, "CNN-LSTM: frames per time chunk.")
-flags.DEFINE_integer("chunk_hop", 16, "CNN-LSTM: hop between chunks (frames).")
-flags.DEFINE_integer("chunk_units", 128, "CNN-LSTM: chunk embedding size.")
-flags.DEFINE_integer("lstm_units", 64, "CNN-LSTM: LSTM units per direction.")
-flags.DEFINE_integer("dense_units", 64, "CNN: hidden dense units.")
-flags.DEFINE_float("dropout", 0.3, "Dropout rate.")
-flags.DEFINE_bool("statistics", False, "CNN-LSTM: add an utterance-functionals branch "
-                  "(mean, std, percentiles, moments, slope of spectral and cepstral "
-                  "descriptors) read by the output layer beside the BiLSTM.")
-flags.DEFINE_integer("n_cepstra", 20, "Cepstral coefficients of the functionals' descriptors.")
-flags.DEFINE_list("descriptors", ["spectrum", "level", "cepstra", "deltas"],
-                  "Frame-level descriptors the functionals summarise: spectrum, level, "
-                  "cepstra, deltas, delta_deltas, flux.")
-flags.DEFINE_float("stats_dropout", 0.5, "Dropout on the standardised functionals.")
-# -- training ------------------------------------------------------------------------------
-flags.DEFINE_enum("trainer", "standard", ["standard"], "Training method.")
-flags.DEFINE_integer("epochs", 40, "Maximum epochs.")
-flags.DEFINE_integer("batch_size", 32, "Batch size.")
-flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (AdamW, cosine decay).")
-flags.DEFINE_float("weight_decay", 1e-4, "AdamW weight decay.")
-flags.DEFINE_float("warmup_epochs", 1.0, "Linear learning-rate warm-up (epochs).")
-flags.DEFINE_integer("patience", 10, "Early stopping patience on validation UAR (0: off).")
-flags.DEFINE_bool("class_weighting", True, "Balance the loss by class frequency.")
-flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling, crops, augmentation).")
-flags.DEFINE_float("eval_hop_s", 1.0, "Hop between evaluation windows (s).")
-flags.DEFINE_enum("pad_mode", "loop", ["loop", "zero"], "Extend short clips by looping or "
-                  "zero padding.")
-flags.DEFINE_float("aug_gain_db", 0.0, "Random gain range (+-dB).")
-flags.DEFINE_list("aug_noise_snr", [], "Additive white noise SNR range, e.g. 10,30 (dB).")
-flags.DEFINE_float("aug_noise_prob", 0.5, "Probability of adding noise.")
-flags.DEFINE_float("aug_shift_s", 0.0, "Random circular time shift (s).")
-flags.DEFINE_list("aug_speed", [], "Speed-perturbation factors drawn per crop, e.g. "
-                  "0.9,1.0,1.1 (empty: off).")
-flags.DEFINE_bool("refit", False, "After early stopping, retrain on training + validation "
-                  "speakers for the selected number of epochs and report that model.")
-flags.DEFINE_bool("speaker_norm", False, "Per-speaker feature normalisation with each "
-                  "speaker's own unlabelled audio, test speakers included (NOT strict; "
-                  "labelled as such in metrics.json).")
-flags.DEFINE_bool("deterministic", True, "TF op determinism (same seed, same numbers).")
-# -- output --------------------------------------------------------------------------------
-flags.DEFINE_string("workdir", None, "Output folder (created; re-running resumes).")
-flags.DEFINE_integer("verbose", -1, "0 quiet, 1 progress bars, 2 a line per epoch; -1: 1 on "
-                     "a terminal, else 2.")
-flags.mark_flag_as_required("workdir")
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    """Defines ser-train's flags on ``fv`` (other apps parse a run's flags.txt with them)."""
+    # -- data ----------------------------------------------------------------------------------
+    flags.DEFINE_enum("corpus", "synthetic", ["emodb", "ravdess", "cremad", "tess", "manifest",
+                                              "synthetic"], "Corpus adapter.", flag_values=fv)
+    flags.DEFINE_string("data_dir", "", "Corpus folder (manifest: the CSV). Synthetic: where to "
+                        "generate it (default WORKDIR/data).", flag_values=fv)
+    flags.DEFINE_string("classes", "", "Class set name (emodb7, emodb5, big4, ...) or a comma "
+                        "list of emotions; empty: every emotion present.", flag_values=fv)
+    flags.DEFINE_string("merge", "", "Merge labels before selection, e.g. calm:neutral.",
+                        flag_values=fv)
+    flags.DEFINE_enum("on_bad_audio", "skip", ["skip", "fail"],
+                      "Bad audio files: skip (log each, count in metrics.json) or fail.",
+                      flag_values=fv)
+    flags.DEFINE_integer("sample_rate", 16000, "Model sample rate; audio is resampled to it.",
+                         flag_values=fv)
+    flags.DEFINE_float("trim_db", 30.0, "Trim leading/trailing audio this many dB below the "
+                       "peak (negative: no trimming).", flag_values=fv)
+    flags.DEFINE_enum("normalize", "peak", ["peak", "rms", "none"], "Level normalisation.",
+                      flag_values=fv)
+    flags.DEFINE_float("level_db", -1.0, "Normalisation target in dBFS.", flag_values=fv)
+    flags.DEFINE_integer("synthetic_speakers", 6, "Speakers of the generated synthetic corpus.",
+                         flag_values=fv)
+    flags.DEFINE_integer("synthetic_per_class", 6, "Synthetic utterances per speaker and emotion.",
+                         flag_values=fv)
+    # -- protocol ------------------------------------------------------------------------------
+    flags.DEFINE_enum("protocol", "speakers", ["loso", "speakers", "kfold"],
+                      "Speaker-independent protocol.", flag_values=fv)
+    flags.DEFINE_list("test_speakers", [], "Held-out test speakers (--protocol=speakers).",
+                      flag_values=fv)
+    flags.DEFINE_integer("folds", 5, "Speaker-disjoint folds (--protocol=kfold).", flag_values=fv)
+    flags.DEFINE_integer("val_speakers", 2, "Validation speakers per fold (from training "
+                         "speakers), for early stopping.", flag_values=fv)
+    flags.DEFINE_list("fold", [], "Train only these folds (e.g. fold_03); empty: all.",
+                      flag_values=fv)
+    # -- model ---------------------------------------------------------------------------------
+    flags.DEFINE_enum("model", "cnn_lstm", ["cnn_lstm", "cnn", "functionals"],
+                      "Model architecture.", flag_values=fv)
+    flags.DEFINE_float("segment_s", 3.0, "Model input length in seconds (training crops and "
+                       "evaluation windows).", flag_values=fv)
+    flags.DEFINE_integer("n_mels", 64, "Mel bands.", flag_values=fv)
+    flags.DEFINE_integer("n_mfcc", 0, "0: log-mel features; else the number of MFCCs.",
+                         flag_values=fv)
+    flags.DEFINE_bool("deltas", False, "Add delta and delta-delta channels.", flag_values=fv)
+    flags.DEFINE_float("frame_ms", 25.0, "Analysis window (ms).", flag_values=fv)
+    flags.DEFINE_float("hop_ms", 10.0, "Frame hop (ms).", flag_values=fv)
+    flags.DEFINE_float("fmin", 20.0, "Lowest mel frequency (Hz).", flag_values=fv)
+    flags.DEFINE_bool("per_utterance_norm", False, "Subtract each utterance's own feature mean "
+                      "(uses only that utterance: still strict).", flag_values=fv)
+    flags.DEFINE_bool("specaugment", True, "SpecAugment masking while training.", flag_values=fv)
+    flags.DEFINE_list("conv_filters", ["16", "32", "64"], "Filters per conv block.", flag_values=fv)
+    flags.DEFINE_integer("chunk_frames", 32, "CNN-LSTM: frames per time chunk.", flag_values=fv)
+    flags.DEFINE_integer("chunk_hop", 16, "CNN-LSTM: hop between chunks (frames).", flag_values=fv)
+    flags.DEFINE_integer("chunk_units", 128, "CNN-LSTM: chunk embedding size.", flag_values=fv)
+    flags.DEFINE_integer("lstm_units", 64, "CNN-LSTM: LSTM units per direction.", flag_values=fv)
+    flags.DEFINE_integer("dense_units", 64, "CNN: hidden dense units.", flag_values=fv)
+    flags.DEFINE_float("dropout", 0.3, "Dropout rate.", flag_values=fv)
+    flags.DEFINE_bool("statistics", False, "CNN-LSTM: add an utterance-functionals branch "
+                      "(mean, std, percentiles, moments, slope of spectral and cepstral "
+                      "descriptors) read by the output layer beside the BiLSTM.", flag_values=fv)
+    flags.DEFINE_integer("n_cepstra", 20, "Cepstral coefficients of the functionals' descriptors.",
+                         flag_values=fv)
+    flags.DEFINE_list("descriptors", ["spectrum", "level", "cepstra", "deltas"],
+                      "Frame-level descriptors the functionals summarise: spectrum, level, "
+                      "cepstra, deltas, delta_deltas, flux.", flag_values=fv)
+    flags.DEFINE_float("stats_dropout", 0.5, "Dropout on the standardised functionals.",
+                       flag_values=fv)
+    # -- training ------------------------------------------------------------------------------
+    flags.DEFINE_enum("trainer", "standard", ["standard"], "Training method.", flag_values=fv)
+    flags.DEFINE_integer("epochs", 40, "Maximum epochs.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "Batch size.", flag_values=fv)
+    flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (AdamW, cosine decay).",
+                       flag_values=fv)
+    flags.DEFINE_float("weight_decay", 1e-4, "AdamW weight decay.", flag_values=fv)
+    flags.DEFINE_float("warmup_epochs", 1.0, "Linear learning-rate warm-up (epochs).",
+                       flag_values=fv)
+    flags.DEFINE_integer("patience", 10, "Early stopping patience on validation UAR (0: off).",
+                         flag_values=fv)
+    flags.DEFINE_bool("class_weighting", True, "Balance the loss by class frequency.",
+                      flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling, crops, augmentation).",
+                         flag_values=fv)
+    flags.DEFINE_float("eval_hop_s", 1.0, "Hop between evaluation windows (s).", flag_values=fv)
+    flags.DEFINE_enum("pad_mode", "loop", ["loop", "zero"], "Extend short clips by looping or "
+                      "zero padding.", flag_values=fv)
+    flags.DEFINE_float("aug_gain_db", 0.0, "Random gain range (+-dB).", flag_values=fv)
+    flags.DEFINE_list("aug_noise_snr", [], "Additive white noise SNR range, e.g. 10,30 (dB).",
+                      flag_values=fv)
+    flags.DEFINE_float("aug_noise_prob", 0.5, "Probability of adding noise.", flag_values=fv)
+    flags.DEFINE_float("aug_shift_s", 0.0, "Random circular time shift (s).", flag_values=fv)
+    flags.DEFINE_list("aug_speed", [], "Speed-perturbation factors drawn per crop, e.g. "
+                      "0.9,1.0,1.1 (empty: off).", flag_values=fv)
+    flags.DEFINE_bool("refit", False, "After early stopping, retrain on training + validation "
+                      "speakers for the selected number of epochs and report that model.",
+                      flag_values=fv)
+    flags.DEFINE_bool("speaker_norm", False, "Per-speaker feature normalisation with each "
+                      "speaker's own unlabelled audio, test speakers included (NOT strict; "
+                      "labelled as such in metrics.json).", flag_values=fv)
+    flags.DEFINE_bool("deterministic", True, "TF op determinism (same seed, same numbers).",
+                      flag_values=fv)
+    # -- output --------------------------------------------------------------------------------
+    flags.DEFINE_string("workdir", None, "Output folder (created; re-running resumes).",
+                        flag_values=fv)
+    flags.DEFINE_integer("verbose", -1, "0 quiet, 1 progress bars, 2 a line per epoch; -1: 1 on "
+                         "a terminal, else 2.", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
 
 
-def build_config():
-    """The typed experiment configuration from the flags."""
+def build_config(fv: flags.FlagValues = FLAGS):
+    """The typed experiment configuration from parsed ser-train flags ``fv``."""
     from ser_tf.data.audio import AudioConfig
     from ser_tf.data.pipeline import AugmentConfig
     from ser_tf.models import ModelConfig
     from ser_tf.training.experiment import ExperimentConfig
     from ser_tf.training.standard import TrainConfig
 
-    snr = tuple(float(v) for v in FLAGS.aug_noise_snr)
+    snr = tuple(float(v) for v in fv.aug_noise_snr)
     if snr and len(snr) != 2:
         raise app.UsageError("--aug_noise_snr takes two values: low,high")
-    verbose = FLAGS.verbose if FLAGS.verbose >= 0 else (1 if sys.stderr.isatty() else 2)
-    audio = AudioConfig(sample_rate=FLAGS.sample_rate,
-                        trim_db=FLAGS.trim_db if FLAGS.trim_db >= 0 else None,
-                        normalize=FLAGS.normalize, level_db=FLAGS.level_db)
-    model = ModelConfig(name=FLAGS.model, sample_rate=FLAGS.sample_rate,
-                        segment_s=FLAGS.segment_s, n_mels=FLAGS.n_mels, n_mfcc=FLAGS.n_mfcc,
-                        use_deltas=FLAGS.deltas, frame_ms=FLAGS.frame_ms, hop_ms=FLAGS.hop_ms,
-                        fmin=FLAGS.fmin, per_utterance_norm=FLAGS.per_utterance_norm,
-                        specaugment=FLAGS.specaugment,
-                        conv_filters=tuple(int(f) for f in FLAGS.conv_filters),
-                        chunk_frames=FLAGS.chunk_frames, hop_frames=FLAGS.chunk_hop,
-                        chunk_units=FLAGS.chunk_units, lstm_units=FLAGS.lstm_units,
-                        dense_units=FLAGS.dense_units, dropout=FLAGS.dropout,
-                        statistics=FLAGS.statistics, n_cepstra=FLAGS.n_cepstra,
-                        descriptors=tuple(FLAGS.descriptors),
-                        stats_dropout=FLAGS.stats_dropout)
-    augment = AugmentConfig(gain_db=FLAGS.aug_gain_db, noise_snr_db=snr or None,
-                            noise_prob=FLAGS.aug_noise_prob, shift_s=FLAGS.aug_shift_s,
-                            speed=tuple(float(f) for f in FLAGS.aug_speed))
-    train = TrainConfig(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-                        learning_rate=FLAGS.learning_rate, weight_decay=FLAGS.weight_decay,
-                        warmup_epochs=FLAGS.warmup_epochs, patience=FLAGS.patience,
-                        class_weighting=FLAGS.class_weighting, seed=FLAGS.seed,
-                        eval_hop_s=FLAGS.eval_hop_s, pad_mode=FLAGS.pad_mode, augment=augment,
-                        deterministic=FLAGS.deterministic, speaker_norm=FLAGS.speaker_norm,
-                        refit=FLAGS.refit)
+    verbose = fv.verbose if fv.verbose >= 0 else (1 if sys.stderr.isatty() else 2)
+    audio = AudioConfig(sample_rate=fv.sample_rate,
+                        trim_db=fv.trim_db if fv.trim_db >= 0 else None,
+                        normalize=fv.normalize, level_db=fv.level_db)
+    model = ModelConfig(name=fv.model, sample_rate=fv.sample_rate,
+                        segment_s=fv.segment_s, n_mels=fv.n_mels, n_mfcc=fv.n_mfcc,
+                        use_deltas=fv.deltas, frame_ms=fv.frame_ms, hop_ms=fv.hop_ms,
+                        fmin=fv.fmin, per_utterance_norm=fv.per_utterance_norm,
+                        specaugment=fv.specaugment,
+                        conv_filters=tuple(int(f) for f in fv.conv_filters),
+                        chunk_frames=fv.chunk_frames, hop_frames=fv.chunk_hop,
+                        chunk_units=fv.chunk_units, lstm_units=fv.lstm_units,
+                        dense_units=fv.dense_units, dropout=fv.dropout,
+                        statistics=fv.statistics, n_cepstra=fv.n_cepstra,
+                        descriptors=tuple(fv.descriptors),
+                        stats_dropout=fv.stats_dropout)
+    augment = AugmentConfig(gain_db=fv.aug_gain_db, noise_snr_db=snr or None,
+                            noise_prob=fv.aug_noise_prob, shift_s=fv.aug_shift_s,
+                            speed=tuple(float(f) for f in fv.aug_speed))
+    train = TrainConfig(epochs=fv.epochs, batch_size=fv.batch_size,
+                        learning_rate=fv.learning_rate, weight_decay=fv.weight_decay,
+                        warmup_epochs=fv.warmup_epochs, patience=fv.patience,
+                        class_weighting=fv.class_weighting, seed=fv.seed,
+                        eval_hop_s=fv.eval_hop_s, pad_mode=fv.pad_mode, augment=augment,
+                        deterministic=fv.deterministic, speaker_norm=fv.speaker_norm,
+                        refit=fv.refit)
     return ExperimentConfig(
-        workdir=FLAGS.workdir, corpus=FLAGS.corpus, data_dir=FLAGS.data_dir,
-        classes=FLAGS.classes, merge=FLAGS.merge, protocol=FLAGS.protocol,
-        test_speakers=tuple(FLAGS.test_speakers), folds=FLAGS.folds,
-        val_speakers=FLAGS.val_speakers, only_folds=tuple(FLAGS.fold), trainer=FLAGS.trainer,
-        on_bad_audio=FLAGS.on_bad_audio, audio=audio, model=model, train=train,
-        synthetic_speakers=FLAGS.synthetic_speakers,
-        synthetic_per_class=FLAGS.synthetic_per_class, verbose=verbose)
+        workdir=fv.workdir, corpus=fv.corpus, data_dir=fv.data_dir,
+        classes=fv.classes, merge=fv.merge, protocol=fv.protocol,
+        test_speakers=tuple(fv.test_speakers), folds=fv.folds,
+        val_speakers=fv.val_speakers, only_folds=tuple(fv.fold), trainer=fv.trainer,
+        on_bad_audio=fv.on_bad_audio, audio=audio, model=model, train=train,
+        synthetic_speakers=fv.synthetic_speakers,
+        synthetic_per_class=fv.synthetic_per_class, verbose=verbose)
 
 
 def main(argv):
@@ -193,6 +216,7 @@ def main(argv):
 
 def run():
     """Console-script entry point (``ser-train``)."""
+    define_flags(FLAGS)
     app.run(main)
 
 

@@ -549,3 +549,23 @@ def _extend(wave: tf.Tensor, length: int, pad_mode: str) -> tf.Tensor:
     if pad_mode == "zero":
         return tf.pad(wave, [[0, tf.maximum(0, length - n)]])
     raise ValueError(f"pad_mode must be loop or zero, got {pad_mode!r}")
+
+
+def central_clips(corpus: DecodedCorpus, indices: Sequence[int], *, segment_samples: int,
+                  pad_mode: str = "loop") -> np.ndarray:
+    """One fixed-length clip per utterance: its central ``segment_samples`` (short
+    utterances extended with ``pad_mode``), as robustness evaluation attacks them.
+
+    Returns:
+      ``[len(indices), segment_samples]`` float32, in the order of ``indices``.
+    """
+    indices = np.asarray(indices, np.int64)
+    if indices.size == 0:
+        raise ValueError("no utterances to clip")
+    ds = _select(corpus, indices).map(
+        lambda i, w: (i, fit_length(w, segment_samples, tf.constant(0.5), pad_mode)),
+        num_parallel_calls=AUTOTUNE)
+    clips = {}
+    for ids, batch in ds.batch(256).as_numpy_iterator():
+        clips.update(zip(ids.tolist(), batch))
+    return np.stack([clips[int(i)] for i in indices]).astype(np.float32)

@@ -90,3 +90,58 @@ def format_metrics(metrics: dict, title: str = "") -> str:
             parts = ", ".join(f"{g} {m['uar']:.3f}" for g, m in groups.items())
             lines.append(f"  UAR by {key}: {parts}")
     return "\n".join(lines)
+
+
+def robustness_png(robustness: dict, metric: str = "accuracy") -> bytes:
+    """Robustness curves as PNG bytes: ``metric`` against budget, one line per attack.
+
+    One panel per (domain, budget kind) of ``robustness["attacks"]`` (the
+    ``robustness.json`` schema); the clean figure is a dashed line. Budgets run from weak
+    to strong left to right (dB below peak rising, SNR falling, feature radii rising).
+    """
+    panels: dict[tuple[str, str], dict[str, list]] = {}
+    for row in robustness["attacks"]:
+        key = (row["domain"], row["budget"]["kind"])
+        panels.setdefault(key, {}).setdefault(row["name"], []).append(
+            (row["budget"]["value"], row[metric]))
+    if not panels:
+        raise ValueError("no attack results to plot")
+    titles = {"linf_db": "L-inf, dB below each utterance's peak",
+              "snr_db": "L2, SNR (dB)", "linf": "L-inf (normalised feature units)",
+              "l2": "L2 (normalised feature units)"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.8), squeeze=False)
+    for ax, ((domain, kind), lines) in zip(axes.flat, sorted(panels.items())):
+        for name, points in sorted(lines.items()):
+            values, scores = zip(*sorted(points))
+            ax.plot(values, scores, marker="o", label=name)
+        ax.axhline(robustness["clean"][metric], color="black", linestyle="--", label="clean")
+        if kind == "snr_db":
+            ax.invert_xaxis()
+        ax.set_ylim(0.0, 1.0)
+        ax.set_xlabel(titles[kind])
+        ax.set_ylabel(metric if metric != "uar" else "UAR")
+        ax.set_title(f"{domain} domain")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _to_png(fig)
+
+
+def format_robustness(robustness: dict, title: str = "") -> str:
+    """A plain-text table of a ``robustness.json``: one line per attack and budget."""
+    clean = robustness["clean"]
+    lines = [title] if title else []
+    lines.append(f"  clean: accuracy {clean['accuracy']:.3f}, UAR {clean['uar']:.3f} "
+                 f"(n={clean['n']})")
+    lines.append(f"  {'attack':<10} {'domain':<9} {'budget':<14} {'acc':>6} {'UAR':>6} "
+                 f"{'success':>8} {'SNR dB':>7} {'queries':>9}")
+    for row in robustness["attacks"]:
+        snr = row.get("mean_snr_db")
+        queries = row.get("queries_per_example")
+        success = row.get("success_rate")
+        lines.append(
+            f"  {row['name']:<10} {row['domain']:<9} {row['label']:<14} "
+            f"{row['accuracy']:>6.3f} {row['uar']:>6.3f} "
+            f"{'' if success is None else f'{success:.3f}':>8} "
+            f"{'' if snr is None else f'{snr:.1f}':>7} "
+            f"{'' if queries is None else f'{queries:.0f}':>9}")
+    return "\n".join(lines)
