@@ -28,9 +28,10 @@ from typing import Callable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-REPORTS = ("pipeline", "training")
+REPORTS = ("pipeline", "training", "attack")
 TITLES = {"pipeline": "Input pipeline: ser_tf tf.data vs a librosa loop",
-          "training": "Training throughput: ser_tf tf.data path vs NumPy arrays"}
+          "training": "Training throughput: ser_tf tf.data path vs NumPy arrays",
+          "attack": "Attack throughput: ser_tf PGD-10 vs IBM ART and the gradient bound"}
 DEFAULT_TITLE = "# Benchmarks\n"
 
 
@@ -197,8 +198,24 @@ def _run_training(quick: bool, repeats: int | None) -> tuple[dict, str]:
     return report, training.to_markdown(report)
 
 
+def _run_attack(quick: bool, repeats: int | None) -> tuple[dict, str]:
+    from bench import attack
+
+    reports, bodies = {}, []
+    for title, flagfile in (("EmoDB CNN-LSTM", "configs/emodb_cnn_lstm.flags"),
+                            ("Default CNN-LSTM", None)):
+        if quick:
+            report = attack.attack_report(repeats=repeats or 1, flagfile=flagfile,
+                                          examples=32, art_examples=8)
+        else:
+            report = attack.attack_report(repeats=repeats or 3, flagfile=flagfile)
+        reports[title] = report
+        bodies.append(f"#### {title}\n\n{attack.to_markdown(report)}")
+    return reports, "\n\n".join(bodies)
+
+
 RUNNERS: dict[str, Callable[[bool, int | None], tuple[dict, str]]] = {
-    "pipeline": _run_pipeline, "training": _run_training}
+    "pipeline": _run_pipeline, "training": _run_training, "attack": _run_attack}
 
 
 def main(argv: list[str] | None = None) -> int:
