@@ -192,6 +192,19 @@ def test_ser_attack_writes_the_report_plots_table_audio_and_tensorboard(trained_
     assert list((w / "tb" / "attack").glob("events.out.tfevents.*"))
 
 
+def test_ser_attack_out_dir_keeps_the_workdir_untouched(trained_workdir, tmp_path):
+    before = sorted(p.name for p in trained_workdir.iterdir())
+    out = tmp_path / "robustness"
+    done = _attack(f"--workdir={trained_workdir}", f"--out_dir={out}", "--attacks=fgm",
+                   "--snr_db=30", "--examples=0", "--progress=false")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rob = json.loads((out / "robustness.json").read_text())
+    assert [a["label"] for a in rob["attacks"]] == ["SNR 30 dB"]
+    assert rob["attacks"][0]["mean_snr_db"] >= 30 - 1e-3
+    assert (out / "robustness_uar.png").exists()
+    assert sorted(p.name for p in trained_workdir.iterdir()) == before
+
+
 def test_ser_attack_rejects_bad_input_clearly(trained_workdir, tmp_path):
     done = _attack(f"--workdir={tmp_path}")
     assert done.returncode != 0 and "not a ser-train workdir" in done.stderr

@@ -53,6 +53,8 @@ flags.DEFINE_integer("batch_size", 32, "Examples per attack batch.")
 flags.DEFINE_integer("seed", 0, "Seed of the subsample and of random starts/sampling.")
 flags.DEFINE_integer("examples", 2, "Adversarial examples per run kept as WAV and in "
                      "TensorBoard.")
+flags.DEFINE_string("out_dir", "", "Write the reports here instead of into the workdir "
+                    "(fold reports into its fold_XX/ folders).")
 flags.DEFINE_integer("attacker_clips", 200, "Transfer attacks: clips of the non-test "
                      "speakers the attacker owns and has the target label.")
 flags.DEFINE_bool("progress", None, "Progress bars (default: on a terminal).")
@@ -107,7 +109,8 @@ def main(argv):
     progress = sys.stderr.isatty() if FLAGS.progress is None else FLAGS.progress
     job = JobConfig(sweep=sweep, folds=tuple(FLAGS.fold), max_utterances=FLAGS.max_utterances,
                     batch_size=FLAGS.batch_size, seed=FLAGS.seed, examples=FLAGS.examples,
-                    attacker_clips=FLAGS.attacker_clips, progress=progress)
+                    out_dir=FLAGS.out_dir, attacker_clips=FLAGS.attacker_clips,
+                    progress=progress)
     try:
         robustness = attack_workdir(experiment, job)
     except (BadAudioError, ValueError, FileNotFoundError) as err:
@@ -116,7 +119,7 @@ def main(argv):
     label = " [SYNTHETIC corpus]" if robustness.get("synthetic") else ""
     print(format_robustness(robustness, f"\n{experiment.corpus}{label}, protocol "
                                         f"{experiment.protocol}:"))
-    workdir = os.path.abspath(experiment.workdir)
+    workdir = os.path.abspath(FLAGS.out_dir or experiment.workdir)
     print(f"\nResults: {workdir}/robustness.json\n"
           f"Curves:  {workdir}/robustness_accuracy.png, robustness_uar.png\n"
           f"Audio:   {workdir}/{'fold_*/' if experiment.protocol != 'speakers' else ''}"

@@ -393,6 +393,8 @@ class JobConfig:
       batch_size: examples per attack batch.
       seed: sampling and attack seed.
       examples: adversarial examples per run written as WAV and to TensorBoard.
+      out_dir: where the reports go (empty: the training workdir itself); fold reports,
+        TensorBoard summaries and WAVs go to its ``fold_XX/`` folders for cross-validation.
       attacker_clips: clips the transfer attacker owns: drawn (class-stratified, seeded)
         from the fold's training and validation speakers, never the test speakers, and
         labelled by querying the target.
@@ -405,6 +407,7 @@ class JobConfig:
     batch_size: int = 32
     seed: int = 0
     examples: int = 2
+    out_dir: str = ""
     attacker_clips: int = 200
     progress: bool = True
 
@@ -506,6 +509,7 @@ def _write_outputs(workdir: str, robustness: dict) -> None:
     from ser_tf.evaluation.report import robustness_png
     from ser_tf.workdir import write_json
 
+    os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, "robustness.json"), robustness)
     for metric in ("accuracy", "uar"):
         with open(os.path.join(workdir, f"robustness_{metric}.png"), "wb") as f:
@@ -533,9 +537,9 @@ def attack_workdir(experiment, job: JobConfig) -> dict:
 
     Returns:
       The top-level ``robustness.json`` content (pooled over folds for cross-validation,
-      with each fold's own report under ``"folds"``), also written to the workdir with the
-      plots and the per-group table; each fold's workdir gets its own files, TensorBoard
-      summaries and WAVs.
+      with each fold's own report under ``"folds"``), also written to ``job.out_dir`` (or
+      the workdir) with the plots and the per-group table; each fold's folder there gets
+      its own files, TensorBoard summaries and WAVs.
 
     Raises:
       ValueError: unknown fold, an untrained fold, or an unsupported run.
@@ -564,10 +568,11 @@ def attack_workdir(experiment, job: JobConfig) -> dict:
     if unknown:
         raise ValueError(f"unknown folds {unknown}; this run has {names}")
     selected = [f for f in folds if not job.folds or f.name in set(job.folds)]
+    out_dir = job.out_dir or experiment.workdir
     parts, fold_reports = [], []
     for fold in selected:
-        workdir = fold_dir(experiment.workdir, fold.name, len(folds))
-        path = os.path.join(workdir, "model.keras")
+        path = os.path.join(fold_dir(experiment.workdir, fold.name, len(folds)), "model.keras")
+        workdir = fold_dir(out_dir, fold.name, len(folds))
         if not os.path.exists(path):
             raise ValueError(f"{fold.name}: no trained model at {path} (train it first)")
         model = keras.saving.load_model(path)
@@ -610,5 +615,5 @@ def attack_workdir(experiment, job: JobConfig) -> dict:
                 "clean": {k: r["clean"][k] for k in ("accuracy", "uar", "n")},
                 "attacks": [{k: a[k] for k in ("name", "domain", "label", "accuracy", "uar")}
                             for a in r["attacks"]]} for r in fold_reports])
-    _write_outputs(experiment.workdir, robustness)
+    _write_outputs(out_dir, robustness)
     return robustness
