@@ -214,3 +214,14 @@ def test_ser_attack_rejects_bad_input_clearly(trained_workdir, tmp_path):
     assert done.returncode != 0 and "--linf_db takes numbers" in done.stderr
     done = _attack(f"--workdir={trained_workdir}", "--fold=fold_99")
     assert done.returncode != 0 and "unknown folds ['fold_99']" in done.stderr
+
+
+def test_same_seed_same_results(tone_model):
+    model, x, y = tone_model
+    x, y = x.numpy()[::2], y.numpy()[::2]
+    sweep = runner.Sweep(attacks=("pgd", "spsa"), linf_db=(-30,),
+                         options={"pgd": {"steps": 2}, "spsa": {"steps": 2, "samples": 4}})
+    runs = [runner.evaluate(model, x, y, sweep, seed=5, progress=False)[1] for _ in range(2)]
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a.y_pred, b.y_pred)
+        np.testing.assert_array_equal(a.l2, b.l2)
