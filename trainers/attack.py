@@ -88,6 +88,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.setup_logging()
+    import tensorflow as tf
+
+    # Each attack and budget is its own compiled function: TF's retracing warnings about
+    # that are expected here, not a sign of trouble.
+    tf.get_logger().setLevel(logging.ERROR)
     from ser_tf.attacks.runner import ATTACKS, JobConfig, Sweep, attack_workdir
     from ser_tf.data.pipeline import BadAudioError
     from ser_tf.evaluation.report import format_robustness
