@@ -172,6 +172,20 @@ def _fail_unless(ok: tf.Tensor, message: str) -> tf.Tensor:
     return tf.strings.to_number(tf.where(ok, "0", message), tf.int32)
 
 
+def _fail_on_first(checks: list[tuple[tf.Tensor, str]]) -> tf.Tensor:
+    """0 (int32) if every ``(ok, message)`` check holds; else fails with the message of the
+    first that does not. One op, so the error named is the same on every run (separate
+    checks in a graph fail in no fixed order)."""
+    if tf.executing_eagerly():
+        for ok, message in checks:
+            _fail_unless(ok, message)
+        return tf.constant(0)
+    verdict = tf.constant("0")
+    for ok, message in reversed(checks):
+        verdict = tf.where(ok, verdict, message)
+    return tf.strings.to_number(verdict, tf.int32)
+
+
 # RIFF chunk ids as the little-endian int32 their four bytes read as.
 _FMT_ID = int.from_bytes(b"fmt ", "little", signed=True)
 _DATA_ID = int.from_bytes(b"data", "little", signed=True)
@@ -293,8 +307,7 @@ def _wav_layout(contents: tf.Tensor, accepts: Callable[[tf.Tensor, tf.Tensor], t
 
     def walked():
         layout = _wav_layout_at(contents, *_walk_wav_chunks(contents, size))
-        return tf.stack(layout) + tf.add_n([_fail_unless(ok, message)
-                                            for ok, message in problems(layout)])
+        return tf.stack(layout) + _fail_on_first(problems(layout))
 
     packed = tf.cond(tf.reduce_all(tf.stack(fine)), lambda: tf.stack(straight), walked)
     return _WavLayout(*tf.unstack(packed, len(_WavLayout._fields)))
