@@ -333,7 +333,9 @@ def report(y: np.ndarray, clean_pred: np.ndarray, outcomes: Sequence[Outcome],
 
     Returns:
       ``{"clean": metrics, "attacks": [{"name", "family", "domain", "budget", "accuracy",
-      "uar", "success_rate", "mean_snr_db", "max_linf_db", "queries", "by_group", ...}]}``.
+      "uar", "success_rate", "mean_snr_db", "max_linf_db", "queries", "by_group", ...}]}``;
+      ``max_linf_db`` is over every clip (it must stay within an L-inf budget),
+      ``mean_snr_db`` and ``mean_l2`` over the clips the model got right clean.
     """
     y = np.asarray(y)
     groups = _group_values(metadata, y, labels)
@@ -344,6 +346,9 @@ def report(y: np.ndarray, clean_pred: np.ndarray, outcomes: Sequence[Outcome],
     for o in outcomes:
         m = classification_metrics(y, o.y_pred, labels)
         changed = o.l2 > 0
+        # The perturbation the attack needed: over the clips the model got right (a clip
+        # already misclassified needs none, and would make a minimal attack look quieter).
+        worked = changed & correct
         row = {
             "name": o.name, "family": o.family, "domain": o.domain,
             "budget": o.budget.to_dict(), "label": o.budget.label,
@@ -354,13 +359,13 @@ def report(y: np.ndarray, clean_pred: np.ndarray, outcomes: Sequence[Outcome],
                              if correct.any() else None),
             "n": m["n"],
             "max_linf": float(o.linf.max()) if len(o.linf) else 0.0,
-            "mean_l2": float(o.l2[changed].mean()) if changed.any() else 0.0,
+            "mean_l2": float(o.l2[worked].mean()) if worked.any() else 0.0,
             "seconds": o.seconds,
             "by_group": group_metrics(y, o.y_pred, labels, groups),
         }
         if o.domain == "waveform":
             row["max_linf_db"] = float(o.linf_db[changed].max()) if changed.any() else None
-            row["mean_snr_db"] = float(o.snr_db[changed].mean()) if changed.any() else None
+            row["mean_snr_db"] = float(o.snr_db[worked].mean()) if worked.any() else None
         if o.queries is not None:
             row["queries"] = int(o.queries.sum())
             row["queries_per_example"] = float(o.queries.mean())

@@ -281,6 +281,7 @@ def carlini_wagner_l2(model_fn: ModelFn, x, *, budget: Budget, y=None, targeted:
         upper = tf.where(found, tf.minimum(upper, const), upper)
         lower = tf.where(found, lower, tf.maximum(lower, const))
         const = tf.where(tf.math.is_finite(upper), (lower + upper) / 2.0, const * 10.0)
-    # Examples with no adversarial found come back exactly as they were.
-    found_any = tf.reshape(tf.math.is_finite(best_dist), expand)
-    return tf.where(found_any, project(x, p.unscale(best_z), budget), x)
+    # Examples with no adversarial found, and those already misclassified (found at
+    # distance 0), come back exactly as they were.
+    changed = tf.reshape(tf.math.is_finite(best_dist) & (best_dist > 0), expand)
+    return tf.where(changed, project(x, p.unscale(best_z), budget), x)
