@@ -18,8 +18,10 @@ can be pooled before :func:`report` turns them into the ``robustness.json`` sche
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import logging
+import os
 import time
 from typing import Callable, Sequence
 
@@ -452,9 +454,6 @@ class _Recorder:
 
     def __init__(self, workdir: str, model, clips: np.ndarray, ids: Sequence[str],
                  labels: Sequence[str], y: np.ndarray):
-        import os
-
-        self.os = os
         self.root = os.path.join(workdir, "adversarial")
         self.model, self.clips, self.ids, self.labels, self.y = model, clips, ids, labels, y
         self.rate = model.sample_rate
@@ -503,7 +502,6 @@ class _Recorder:
                              step=step)
 
     def _wavs(self, outcome: Outcome, clean: np.ndarray, adv: np.ndarray) -> None:
-        os = self.os
         folder = os.path.join(self.root, f"{outcome.name}_{outcome.budget.kind}"
                                          f"{outcome.budget.value:g}")
         os.makedirs(folder, exist_ok=True)
@@ -515,9 +513,6 @@ class _Recorder:
 
 
 def _write_outputs(workdir: str, robustness: dict) -> None:
-    import csv
-    import os
-
     from ser_tf.evaluation.report import robustness_png
     from ser_tf.workdir import write_json
 
@@ -557,8 +552,6 @@ def attack_workdir(experiment, job: JobConfig) -> dict:
       ValueError: unknown fold, an untrained fold, or an unsupported run.
       FileNotFoundError: the data is missing.
     """
-    import os
-
     from ser_tf.data.pipeline import central_clips, decode_corpus
     from ser_tf.training.experiment import list_utterances
     from ser_tf.training.protocols import make_folds
