@@ -205,26 +205,3 @@ def achieved(x: np.ndarray, x_adv: np.ndarray) -> dict[str, np.ndarray]:
         linf_db = 20.0 * np.log10(linf / peak)
         snr_db = 10.0 * np.log10(energy / (l2 ** 2))
     return {"linf": linf, "l2": l2, "linf_db": linf_db, "snr_db": snr_db}
-
-
-def summarize_achieved(x: np.ndarray, x_adv: np.ndarray, budget: Budget) -> dict:
-    """The perturbation figures every result reports, over the changed examples.
-
-    ``max_linf_db`` is the largest relative L-inf of any example (it must not exceed a
-    ``linf_db`` budget), ``mean_snr_db`` the mean SNR of the examples that changed,
-    ``max_linf``/``mean_l2`` the absolute figures (feature units for feature budgets).
-    """
-    got = achieved(x, x_adv)
-    changed = got["l2"] > 0
-    out = {"changed": int(changed.sum())}
-    if changed.any():
-        out.update(max_linf_db=float(got["linf_db"][changed].max()),
-                   mean_snr_db=float(got["snr_db"][changed].mean()),
-                   max_linf=float(got["linf"].max()),
-                   mean_l2=float(got["l2"][changed].mean()))
-    else:
-        out.update(max_linf_db=None, mean_snr_db=None, max_linf=0.0, mean_l2=0.0)
-    if budget.domain == "features":
-        out.pop("max_linf_db")
-        out.pop("mean_snr_db")
-    return out
