@@ -269,16 +269,18 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, sweep: Sweep, *, batch_size: i
         bar.set_postfix_str(f"{name} {domain} {budget.label}")
         tf.random.set_seed(seed)
         start = time.perf_counter()
-        queries = None
+        # queries: per-example query counts (black-box only); counter: the live counter
+        # whose growth over a batch is that batch's queries (score/decision-based only).
+        queries, counter = None, None
         if name.startswith("transfer_"):
             if domain not in substitutes:
                 bar.set_postfix_str(f"training the {domain} substitute")
-                counter = blackbox.QueryCounter(target)
+                oracle = blackbox.QueryCounter(target)
                 own = np.asarray(attacker_x, np.float32)
                 own = own if domain == "waveform" else features_of(own)
-                substitutes[domain] = (_substitute(model, domain, target, own, seed, counter),
-                                       counter.queries, time.perf_counter() - start)
-            substitute, spent, _ = substitutes[domain]
+                substitutes[domain] = (_substitute(model, domain, target, own, seed, oracle),
+                                       oracle.queries)
+            substitute, spent = substitutes[domain]
             craft = tf.function(_crafter(entry.fn, substitute, budget, options),
                                 reduce_retracing=True)
             queries = np.full(len(inputs), spent / len(inputs))
@@ -290,18 +292,17 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, sweep: Sweep, *, batch_size: i
         else:
             craft = tf.function(_crafter(entry.fn, target, budget, options),
                                 reduce_retracing=True)
-        compiled = queries is None or name.startswith("transfer_")
         adv = []
         for s in _batches(len(inputs), batch_size):
-            before = counter.queries if entry.family == "black-box" else 0
             xb, yb = inputs[s], y[s]
-            if compiled and len(xb) < batch_size <= len(inputs):
+            if counter is None and len(xb) < batch_size <= len(inputs):
                 # Pad the last batch to the traced shape (a second trace costs seconds).
                 pad = batch_size - len(xb)
                 xb = np.concatenate([xb, inputs[:pad]])
                 yb = np.concatenate([yb, y[:pad]])
+            before = counter.queries if counter is not None else 0
             adv.append(np.asarray(craft(tf.constant(xb), tf.constant(yb)))[:s.stop - s.start])
-            if queries is not None and not name.startswith("transfer_"):
+            if counter is not None:
                 # The batch advances together: its queries are shared evenly.
                 queries[s] = (counter.queries - before) / (s.stop - s.start)
             bar.update(1)
