@@ -460,6 +460,13 @@ class _Recorder:
         self.rate = model.sample_rate
         self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tb", "attack"))
         self.step: dict[tuple[str, str, str], int] = {}
+        self._clean_features: np.ndarray | None = None
+
+    def clean_features(self, n: int) -> np.ndarray:
+        """Features of the first ``n`` clean clips (computed once for every run)."""
+        if self._clean_features is None or len(self._clean_features) < n:
+            self._clean_features = self.model.features(self.clips[:n]).numpy()
+        return self._clean_features[:n]
 
     def __call__(self, outcome: Outcome, adv: np.ndarray) -> None:
         from ser_tf.evaluation.report import png_to_tensor, spectrograms_png
@@ -488,12 +495,12 @@ class _Recorder:
                     np.abs(delta).max(1, keepdims=True), 1e-9)
                 tf.summary.audio(f"{tag}/perturbation_amplified", (delta * gain)[:, :, None],
                                  self.rate, step=step, max_outputs=n)
-                feats_clean = self.model.features(clean).numpy()
+                feats_clean = self.clean_features(n)
                 feats_adv = self.model.features(adv).numpy()
                 self._wavs(outcome, clean, adv)
             else:
                 feats_adv = adv
-                feats_clean = self.model.features(self.clips[:n]).numpy()
+                feats_clean = self.clean_features(n)
             grid = np.concatenate([feats_clean[..., 0], feats_adv[..., 0],
                                    feats_adv[..., 0] - feats_clean[..., 0]])
             titles = ([f"clean {self.ids[k]}" for k in range(n)]
