@@ -88,6 +88,58 @@ def deltas(features: tf.Tensor, width: int = 2) -> tf.Tensor:
     return out / denom
 
 
+# Largest weight block of a projection (see ``projection_blocks``): TFLite's weight
+# quantizers leave constant weights with fewer than 1024 elements in float.
+MAX_BLOCK_WEIGHTS = 1023
+
+
+def projection_blocks(matrix: np.ndarray, max_weights: int = MAX_BLOCK_WEIGHTS
+                      ) -> list[tuple[int, int, int, int]]:
+    """Splits a projection ``x @ matrix`` into column blocks over their nonzero rows.
+
+    A mel filterbank is banded: each band reads a few neighbouring FFT bins, so computing it
+    as a few ``x[..., r0:r1] @ matrix[r0:r1, c0:c1]`` blocks does about a quarter of the
+    multiply-adds of the dense product (the zeros are skipped) with the same result. Blocks
+    stay below ``max_weights`` elements, so a quantizing TFLite conversion (dynamic-range,
+    int8) keeps the frontend in float: quantizing the power spectrum's huge dynamic range
+    to 8 bits destroys the log-mel features (DESIGN.md), while the classifier after them
+    quantizes well.
+
+    Args:
+      matrix: ``[rows, cols]`` weights.
+      max_weights: the most elements in one block (a single column is never split).
+
+    Returns:
+      ``(col_start, col_stop, row_start, row_stop)`` per block, covering every column in
+      order.
+    """
+    nonzero = matrix != 0
+
+    def span(c0: int, c1: int) -> tuple[int, int]:
+        r = np.flatnonzero(nonzero[:, c0:c1].any(axis=1))
+        return (int(r[0]), int(r[-1]) + 1) if r.size else (0, 1)  # all-zero columns
+
+    blocks, c0, n = [], 0, matrix.shape[1]
+    while c0 < n:
+        c1 = c0 + 1
+        while c1 < n:
+            r0, r1 = span(c0, c1 + 1)
+            if (r1 - r0) * (c1 + 1 - c0) > max_weights:
+                break
+            c1 += 1
+        blocks.append((c0, c1) + span(c0, c1))
+        c0 = c1
+    return blocks
+
+
+def blocked_matmul(x: tf.Tensor, matrix: np.ndarray,
+                   blocks: list[tuple[int, int, int, int]]) -> tf.Tensor:
+    """``x @ matrix`` computed block by block (see :func:`projection_blocks`)."""
+    parts = [tf.matmul(x[..., r0:r1], tf.constant(matrix[r0:r1, c0:c1]))
+             for c0, c1, r0, r1 in blocks]
+    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class LogMelFrontend(keras.layers.Layer):
     """Waveform ``[batch, samples]`` -> log-mel or MFCC features ``[batch, frames, bins, C]``.
@@ -95,7 +147,9 @@ class LogMelFrontend(keras.layers.Layer):
     STFT with a periodic Hann window (``tf.signal.stft``, frames not centred: frame ``t``
     covers samples ``[t * hop, t * hop + win)``), power spectrum, mel filterbank, natural log
     with an additive floor, optionally a DCT to MFCCs, optionally delta and delta-delta as
-    extra channels. Clips shorter than one frame are zero-padded to one frame.
+    extra channels. Clips shorter than one frame are zero-padded to one frame. The mel and
+    DCT projections run as small blocks (:func:`projection_blocks`): fewer multiply-adds,
+    and quantized TFLite exports keep them in float.
 
     Args:
       sample_rate: input sample rate in Hz.
@@ -134,9 +188,11 @@ class LogMelFrontend(keras.layers.Layer):
         if self.frame_length < 2 or self.frame_step < 1:
             raise ValueError("frame_ms and hop_ms are too short for this sample rate")
         self.fft_length = 1 << (self.frame_length - 1).bit_length()
-        self._mel = tf.constant(mel_filterbank(self.n_mels, self.fft_length, self.sample_rate,
-                                               self.fmin, self.fmax))
-        self._dct = tf.constant(dct_matrix(self.n_mels, self.n_mfcc)) if self.n_mfcc else None
+        self._mel = mel_filterbank(self.n_mels, self.fft_length, self.sample_rate, self.fmin,
+                                   self.fmax)
+        self._mel_blocks = projection_blocks(self._mel)
+        self._dct = dct_matrix(self.n_mels, self.n_mfcc) if self.n_mfcc else None
+        self._dct_blocks = projection_blocks(self._dct) if self.n_mfcc else None
 
     @property
     def bins(self) -> int:
@@ -159,9 +215,9 @@ class LogMelFrontend(keras.layers.Layer):
         spec = tf.signal.stft(waveform, self.frame_length, self.frame_step, self.fft_length,
                               window_fn=tf.signal.hann_window, pad_end=False)
         power = tf.math.real(spec) ** 2 + tf.math.imag(spec) ** 2
-        feats = tf.math.log(tf.matmul(power, self._mel) + self.log_floor)
+        feats = tf.math.log(blocked_matmul(power, self._mel, self._mel_blocks) + self.log_floor)
         if self._dct is not None:
-            feats = tf.matmul(feats, self._dct)
+            feats = blocked_matmul(feats, self._dct, self._dct_blocks)
         if self.use_deltas:
             d1 = deltas(feats)
             return tf.stack([feats, d1, deltas(d1)], axis=-1)

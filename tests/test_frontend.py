@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ser_tf.frontend import (FeatureNormalization, LogMelFrontend, SpecAugment, deltas,
-                             mel_filterbank)
+from ser_tf.frontend import (MAX_BLOCK_WEIGHTS, FeatureNormalization, LogMelFrontend,
+                             SpecAugment, blocked_matmul, dct_matrix, deltas, mel_filterbank,
+                             projection_blocks)
 from ser_tf.models.layers import ChunkEncoder
 
 
@@ -27,6 +28,23 @@ def test_mel_filterbank_matches_tf():
     ours = mel_filterbank(40, 512, 16000, 20.0, 8000.0)
     ref = tf.signal.linear_to_mel_weight_matrix(40, 257, 16000, 20.0, 8000.0).numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("matrix", [mel_filterbank(64, 512, 16000, 20.0, 8000.0),
+                                    mel_filterbank(40, 256, 8000, 0.0, 4000.0),
+                                    dct_matrix(64, 20)])
+def test_projection_blocks_cover_every_weight_and_stay_small(matrix):
+    blocks = projection_blocks(matrix)
+    cols = [c for c0, c1, _, _ in blocks for c in range(c0, c1)]
+    assert cols == list(range(matrix.shape[1]))
+    covered = np.zeros_like(matrix, bool)
+    for c0, c1, r0, r1 in blocks:
+        assert (r1 - r0) * (c1 - c0) <= MAX_BLOCK_WEIGHTS or c1 - c0 == 1
+        covered[r0:r1, c0:c1] = True
+    assert not (matrix != 0)[~covered].any()  # no nonzero weight is skipped
+    x = np.random.default_rng(0).random((3, matrix.shape[0])).astype(np.float32)
+    np.testing.assert_allclose(blocked_matmul(x, matrix, blocks).numpy(), x @ matrix,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_logmel_matches_numpy_reference():
