@@ -13,7 +13,8 @@ from ser_tf.data.audio import AudioConfig
 from ser_tf.data.corpora import Utterance
 from ser_tf.data.pipeline import (AugmentConfig, BadAudioError, DecodeGroup, augment_waveform,
                                   decode_corpus, decoding_dataset, evaluation_dataset,
-                                  fit_length, group_by_header, training_dataset, window_starts)
+                                  fit_length, group_by_header, training_dataset,
+                                  utterance_windows, window_starts)
 from test_audio import _encode_other, _make_bad_files
 
 CFG = AudioConfig(trim_db=None, normalize="none")
@@ -182,6 +183,21 @@ def test_window_starts():
     assert window_starts(100, 200, 50) == [0]
     assert window_starts(200, 100, 50) == [0, 50, 100]
     assert window_starts(230, 100, 50) == [0, 50, 100, 130]
+
+
+@pytest.mark.parametrize("n", [37, 100, 200, 230, 250])
+@pytest.mark.parametrize("pad_mode", ["loop", "zero"])
+def test_utterance_windows_are_the_window_starts(n, pad_mode):
+    wave = np.arange(1, n + 1, dtype=np.float32)
+    wins = utterance_windows(tf.constant(wave), 100, 50, pad_mode).numpy()
+    starts = window_starts(n, 100, 50)
+    assert wins.shape == (len(starts), 100)
+    if n >= 100:
+        np.testing.assert_array_equal(wins, np.stack([wave[s:s + 100] for s in starts]))
+    else:  # one window, the utterance extended
+        np.testing.assert_array_equal(wins[0, :n], wave)
+        tail = np.tile(wave, 3)[n:100] if pad_mode == "loop" else np.zeros(100 - n)
+        np.testing.assert_array_equal(wins[0, n:], tail)
 
 
 def test_evaluation_windows_cover_every_utterance(tone_corpus):

@@ -678,6 +678,19 @@ def load_waveform(path: tf.Tensor, config: AudioConfig, rate: int | None = None,
             tf.debugging.assert_equal(file_rate, tf.constant(rate, tf.int64),
                                       message="sample rate differs from the one probed")
         wave = resample(wave, rate, config.sample_rate, quality=config.resample_quality)
+    return condition(wave, config)
+
+
+def condition(wave: tf.Tensor, config: AudioConfig) -> tf.Tensor:
+    """A mono waveform at ``config.sample_rate`` -> the model's input conditioning.
+
+    Checks it is not silent, trims silence, checks the length left, normalises the level:
+    the last steps of :func:`load_waveform`, and what served models apply to raw audio,
+    so that training and serving condition audio with the same ops.
+
+    Raises:
+      tf.errors.InvalidArgumentError: silent, or too short after trimming.
+    """
     tf.debugging.assert_greater(tf.reduce_max(tf.abs(wave)), 1e-6,
                                 message="silent audio (all samples zero)")
     if config.trim_db is not None:

@@ -441,6 +441,21 @@ def window_starts(num_samples: int, segment_samples: int, hop_samples: int) -> l
     return starts
 
 
+def utterance_windows(wave: tf.Tensor, segment_samples: int, hop_samples: int,
+                      pad_mode: str = "loop") -> tf.Tensor:
+    """The evaluation windows of one utterance, in-graph: ``[windows, segment_samples]``.
+
+    The windows of :func:`window_starts` (every ``hop_samples``, the last aligned to the
+    end; an utterance shorter than a window is extended with ``pad_mode``). Evaluation and
+    served models window utterances with this one function.
+    """
+    n = tf.shape(wave)[0]
+    last = tf.maximum(n - segment_samples, 0)
+    starts = tf.concat([tf.range(0, last, hop_samples), last[None]], axis=0)
+    extended = _extend(wave, segment_samples, pad_mode)
+    return tf.gather(extended, starts[:, None] + tf.range(segment_samples)[None, :])
+
+
 def evaluation_dataset(corpus: DecodedCorpus, indices: Sequence[int], *, segment_samples: int,
                        hop_samples: int, batch_size: int,
                        pad_mode: str = "loop",
@@ -472,23 +487,14 @@ def evaluation_dataset(corpus: DecodedCorpus, indices: Sequence[int], *, segment
     position[indices] = np.arange(indices.size)
     starts = [window_starts(int(corpus.lengths[i]), segment_samples, hop_samples)
               for i in indices]
-    # Per-utterance window starts, padded into a matrix, looked up in-graph by position.
-    width = max(len(s) for s in starts)
-    start_mat = np.full((indices.size, width), -1, np.int32)
-    for row, s in enumerate(starts):
-        start_mat[row, :len(s)] = s
-    position_t, starts_t = tf.constant(position), tf.constant(start_mat)
+    position_t = tf.constant(position)
 
     def windows(i, wave):
         pos = tf.gather(position_t, i)
-        st = tf.gather(starts_t, pos)
-        st = tf.boolean_mask(st, st >= 0)
-        extended = _extend(wave, segment_samples, pad_mode)
-        idx = st[:, None] + tf.range(segment_samples)[None, :]
-        wins = tf.gather(extended, idx)
-        ids = tf.fill([tf.size(st)], i)
-        return tf.data.Dataset.from_tensor_slices((tf.fill([tf.size(st)], pos),
-                                                   attach(ids, wins)))
+        wins = utterance_windows(wave, segment_samples, hop_samples, pad_mode)
+        count = tf.shape(wins)[:1]
+        return tf.data.Dataset.from_tensor_slices((tf.fill(count, pos),
+                                                   attach(tf.fill(count, i), wins)))
 
     ds = _select(corpus, indices).flat_map(windows)
     total = int(sum(len(s) for s in starts))
