@@ -68,22 +68,6 @@ def _floats(values, name: str) -> tuple[float, ...]:
         raise app.UsageError(f"--{name} takes numbers, got {','.join(values)}") from None
 
 
-def training_config(workdir: str, data_dir: str = ""):
-    """The training run's ExperimentConfig, rebuilt from ``workdir/flags.txt``."""
-    from trainers import train
-
-    path = os.path.join(workdir, "flags.txt")
-    if not os.path.exists(path):
-        raise app.UsageError(f"{workdir} is not a ser-train workdir (no flags.txt)")
-    fv = flags.FlagValues()
-    train.define_flags(fv)
-    argv = ["ser-train", f"--flagfile={path}", f"--workdir={workdir}", "--verbose=0"]
-    if data_dir:
-        argv.append(f"--data_dir={data_dir}")
-    fv(argv)
-    return train.build_config(fv)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -97,7 +81,7 @@ def main(argv):
     from ser_tf.data.pipeline import BadAudioError
     from ser_tf.evaluation.report import format_robustness
 
-    experiment = training_config(FLAGS.workdir, FLAGS.data_dir)
+    experiment = common.training_config(FLAGS.workdir, FLAGS.data_dir)
     options = {}
     if FLAGS.steps:
         options = {name: {"steps": FLAGS.steps} for name, entry in ATTACKS.items()

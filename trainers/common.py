@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
 
 
@@ -39,3 +39,19 @@ def write_flags(workdir: str, anchor_flag: str = "workdir") -> str:
     with open(path, "w") as f:
         f.write("\n".join(line for line in lines if line) + "\n")
     return path
+
+
+def training_config(workdir: str, data_dir: str = ""):
+    """The training run's ExperimentConfig, rebuilt from ``workdir/flags.txt``."""
+    from trainers import train
+
+    path = os.path.join(workdir, "flags.txt")
+    if not os.path.exists(path):
+        raise app.UsageError(f"{workdir} is not a ser-train workdir (no flags.txt)")
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    argv = ["ser-train", f"--flagfile={path}", f"--workdir={workdir}", "--verbose=0"]
+    if data_dir:
+        argv.append(f"--data_dir={data_dir}")
+    fv(argv)
+    return train.build_config(fv)

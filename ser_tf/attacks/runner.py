@@ -560,35 +560,19 @@ def attack_workdir(experiment, job: JobConfig) -> dict:
       ValueError: unknown fold, an untrained fold, or an unsupported run.
       FileNotFoundError: the data is missing.
     """
-    from ser_tf.data.pipeline import central_clips, decode_corpus
-    from ser_tf.training.experiment import list_utterances
-    from ser_tf.training.protocols import make_folds
-    from ser_tf.workdir import fold_dir
+    from ser_tf.data.pipeline import central_clips
+    from ser_tf.training.experiment import open_run
 
     if experiment.train.speaker_norm:
         raise ValueError("ser-attack does not support --speaker_norm runs yet: their models "
                          "need each speaker's statistics as a second input")
-    utterances, classes = list_utterances(experiment)
-    decoded = decode_corpus(utterances, experiment.audio,
-                            on_bad_audio=experiment.on_bad_audio, progress=job.progress)
-    index = {c: k for k, c in enumerate(classes)}
-    labels_all = np.array([index[u.emotion] for u in decoded.utterances], np.int32)
-    folds = make_folds(decoded.utterances, experiment.protocol,
-                       test_speakers=experiment.test_speakers, folds=experiment.folds,
-                       val_speakers=experiment.val_speakers)
-    names = [f.name for f in folds]
-    unknown = sorted(set(job.folds) - set(names))
-    if unknown:
-        raise ValueError(f"unknown folds {unknown}; this run has {names}")
-    selected = [f for f in folds if not job.folds or f.name in set(job.folds)]
+    run = open_run(experiment, job.folds, progress=job.progress)
+    decoded, labels_all, classes = run.decoded, run.labels, run.classes
     out_dir = job.out_dir or experiment.workdir
     parts, fold_reports = [], []
-    for fold in selected:
-        path = os.path.join(fold_dir(experiment.workdir, fold.name, len(folds)), "model.keras")
-        workdir = fold_dir(out_dir, fold.name, len(folds))
-        if not os.path.exists(path):
-            raise ValueError(f"{fold.name}: no trained model at {path} (train it first)")
-        model = keras.saving.load_model(path)
+    for fold in run.selected:
+        model = keras.saving.load_model(run.model_path(fold))
+        workdir = run.fold_workdir(fold, out_dir)
         test = np.asarray(fold.test)
         keep = subsample(labels_all[test], job.max_utterances, job.seed)
         test = test[keep]
@@ -613,7 +597,7 @@ def attack_workdir(experiment, job: JobConfig) -> dict:
         recorder.writer.close()
         fold_report = report(y, clean_pred, outcomes, classes, metadata)
         fold_report.update(fold=fold.name, test_speakers=list(fold.test_speakers))
-        if len(folds) > 1:
+        if len(run.folds) > 1:
             _write_outputs(workdir, fold_report)
         parts.append((y, clean_pred, outcomes, metadata))
         fold_reports.append(fold_report)

@@ -260,6 +260,13 @@ def decode_corpus(utterances: Sequence[Utterance], config: AudioConfig, *,
                          np.array([lengths[i] for i in keep], np.int64), bad, config)
 
 
+def waveforms(corpus: DecodedCorpus, indices: Sequence[int]) -> list[np.ndarray]:
+    """The decoded waveforms of ``indices`` (in that order) as NumPy arrays."""
+    indices = np.asarray(indices, np.int64)
+    found = {int(i): w for i, w in _select(corpus, indices).as_numpy_iterator()}
+    return [found[int(i)] for i in indices]
+
+
 def _select(corpus: DecodedCorpus, indices: Sequence[int]) -> tf.data.Dataset:
     mask = np.zeros(len(corpus), bool)
     mask[np.asarray(indices, np.int64)] = True

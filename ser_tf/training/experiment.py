@@ -100,6 +100,70 @@ def list_utterances(cfg: ExperimentConfig) -> tuple[list[corpora.Utterance], tup
     return selected, classes
 
 
+@dataclasses.dataclass
+class TrainedRun:
+    """A finished (or running) experiment opened for reading by the jobs after training.
+
+    Attributes:
+      config: the run's configuration (rebuilt from its ``flags.txt``).
+      decoded: the corpus, decoded and conditioned as in training.
+      labels: label index per decoded utterance.
+      classes: class names in label-index order.
+      folds: every fold of the run's protocol.
+      selected: the folds asked for (all of them when none were named).
+    """
+
+    config: ExperimentConfig
+    decoded: object
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    folds: list
+    selected: list
+
+    def fold_workdir(self, fold, root: str = "") -> str:
+        """The fold's folder under ``root`` (default: the run's workdir)."""
+        return fold_dir(root or self.config.workdir, fold.name, len(self.folds))
+
+    def model_path(self, fold) -> str:
+        """The fold's trained ``model.keras``.
+
+        Raises:
+          ValueError: the fold has no trained model yet.
+        """
+        path = os.path.join(self.fold_workdir(fold), "model.keras")
+        if not os.path.exists(path):
+            raise ValueError(f"{fold.name}: no trained model at {path} (train it first)")
+        return path
+
+
+def open_run(cfg: ExperimentConfig, fold_names: Sequence[str] = (),
+             progress: bool = False) -> TrainedRun:
+    """Decodes a trained run's corpus and rebuilds its folds, exactly as training did.
+
+    Args:
+      cfg: the run's configuration.
+      fold_names: folds to select (e.g. ``fold_03``); empty: every fold.
+      progress: show decoding progress.
+
+    Raises:
+      ValueError: unknown fold names, or unusable data.
+      FileNotFoundError: the data is missing.
+    """
+    utterances, classes = list_utterances(cfg)
+    decoded = decode_corpus(utterances, cfg.audio, on_bad_audio=cfg.on_bad_audio,
+                            progress=progress)
+    index = {c: k for k, c in enumerate(classes)}
+    labels = np.array([index[u.emotion] for u in decoded.utterances], np.int32)
+    folds = make_folds(decoded.utterances, cfg.protocol, test_speakers=cfg.test_speakers,
+                       folds=cfg.folds, val_speakers=cfg.val_speakers)
+    names = [f.name for f in folds]
+    unknown = sorted(set(fold_names) - set(names))
+    if unknown:
+        raise ValueError(f"unknown folds {unknown}; this run has {names}")
+    selected = [f for f in folds if not fold_names or f.name in set(fold_names)]
+    return TrainedRun(cfg, decoded, labels, tuple(classes), folds, selected)
+
+
 def run_experiment(cfg: ExperimentConfig) -> dict:
     """Runs (or resumes) an experiment and returns its top-level metrics.
 
