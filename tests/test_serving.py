@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from conftest import TONE_LABELS, tone_dataset
 from ser_tf.data.audio import AudioConfig
-from ser_tf.serving import savedmodel, tflite, verify
+from ser_tf.serving import savedmodel, tflite
 from ser_tf.serving.export import ExportJob, verify_artifacts, write_artifacts
 from ser_tf.serving.runtime import (InputError, KerasPredictor, SavedModelPredictor,
                                     TFLitePredictor, check_waveform, load_predictor)

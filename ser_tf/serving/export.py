@@ -121,8 +121,8 @@ def write_artifacts(model, spec: ServingSpec, out_dir: str, variants: Sequence[s
     spec.write(out_dir)
     with open(os.path.join(out_dir, "labels.txt"), "w") as f:
         f.write("\n".join(spec.labels) + "\n")
-    paths = {"savedmodel": savedmodel.export_savedmodel(model, spec,
-                                                         os.path.join(out_dir, "savedmodel"))}
+    saved = os.path.join(out_dir, "savedmodel")
+    paths = {"savedmodel": savedmodel.export_savedmodel(model, spec, saved)}
     with tempfile.TemporaryDirectory(prefix="ser_edge_") as tmp:
         edge = savedmodel.export_edge_savedmodel(model, os.path.join(tmp, "edge"))
         float_layers = (model.frontend.name, model.normalizer.name)
@@ -345,8 +345,8 @@ def model_card(spec: ServingSpec, report: dict, context: dict) -> str:
               "- Not robust to an attacker with gradient access at -40 dB unless trained "
               "adversarially (see the robustness figures above)."]
     if report.get("failed_checks"):
-        lines += ["", "## Failed export checks", ""] + [f"- {c}" for c in
-                                                       report["failed_checks"]]
+        lines += ["", "## Failed export checks", ""]
+        lines += [f"- {c}" for c in report["failed_checks"]]
     return "\n".join(lines) + "\n"
 
 
