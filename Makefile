@@ -12,6 +12,10 @@ CORPUS ?= synthetic
 MODEL ?= cnn_lstm
 DATA_DIR ?=
 WORKDIR ?= runs/$(CORPUS)$(if $(filter-out cnn_lstm,$(MODEL)),_$(MODEL),)
+# What `make run` does after training: a quick robustness sweep and an export whose
+# every artifact is checked (the full sweeps are ser-attack's and ser-export's defaults).
+RUN_ATTACK_FLAGS ?= --attacks=fgsm,pgd --linf_db=-50,-40,-30 --max_utterances=40
+RUN_EXPORT_FLAGS ?= --variants=float32,int8 --blackbox_clips=8 --latency_utterances=5
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: run test test-fast bench lint clean venv
@@ -35,6 +39,8 @@ $(BENCH_STAMP): $(STAMP)
 run: $(STAMP)
 	$(PY) -m trainers.train --flagfile=configs/$(CORPUS)_$(MODEL).flags --workdir=$(WORKDIR) \
 	  $(if $(DATA_DIR),--data_dir=$(DATA_DIR),)
+	$(PY) -m trainers.attack --workdir=$(WORKDIR) $(RUN_ATTACK_FLAGS)
+	$(PY) -m export.export --workdir=$(WORKDIR) $(RUN_EXPORT_FLAGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
