@@ -41,8 +41,8 @@ flags.DEFINE_list("transfer_linf_db", ["-60", "-40"], "Its budgets, dB below eac
                   "peak.")
 flags.DEFINE_string("blackbox_attack", "spsa", "Attack run against each artifact itself: "
                     "spsa, nes (score-based), hsj, hsj_linf (decision-based); empty: none.")
-flags.DEFINE_float("blackbox_db", -40.0, "Its budget: L-inf dB below the peak (spsa, nes, "
-                   "hsj_linf) or SNR dB (hsj).")
+flags.DEFINE_float("blackbox_db", None, "Its budget: L-inf dB below the peak (spsa, nes, "
+                   "hsj_linf; default -40) or SNR dB (hsj; default 30).")
 flags.DEFINE_integer("blackbox_clips", 40, "Test clips the black-box attack runs on.")
 flags.DEFINE_integer("max_utterances", 0, "Check at most this many test utterances per fold "
                      "(0: all).")

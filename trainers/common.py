@@ -15,7 +15,10 @@ def setup_logging() -> None:
     absl_logging.use_absl_handler()
     absl_logging.get_absl_handler().setFormatter(
         logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S"))
-    # absl's own INFO lines (e.g. checkpoint sharding timings) are noise for users.
+    # absl's own INFO lines (checkpoint sharding timings, SavedModel fingerprints) are noise
+    # for users. A filter, not a level: TF's SavedModel writer resets the absl logger's level.
+    handler = absl_logging.get_absl_handler()
+    handler.addFilter(lambda r: not (r.name == "absl" and r.levelno < logging.WARNING))
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 

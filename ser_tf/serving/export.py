@@ -59,7 +59,8 @@ class ExportJob:
       transfer_linf_db: its waveform L-inf budgets (dB below each clip's peak).
       blackbox_attack: score- or decision-based attack run against each artifact itself
         (``spsa``, ``nes``, ``hsj``, ``hsj_linf``; empty: none).
-      blackbox_db: its budget: L-inf dB for spsa/nes/hsj_linf, SNR dB for hsj.
+      blackbox_db: its budget: L-inf dB below the peak for spsa/nes/hsj_linf (default -40),
+        SNR dB for hsj (default 30).
       blackbox_clips: test clips it attacks (class-stratified subsample).
       max_utterances: check at most this many test utterances (0: all).
       latency_utterances: utterances timed per artifact.
@@ -74,7 +75,7 @@ class ExportJob:
     transfer_attack: str = "pgd"
     transfer_linf_db: Sequence[float] = (-60.0, -40.0)
     blackbox_attack: str = "spsa"
-    blackbox_db: float = -40.0
+    blackbox_db: float | None = None
     blackbox_clips: int = 40
     max_utterances: int = 0
     latency_utterances: int = 20
@@ -96,6 +97,7 @@ class ExportJob:
                              f"empty, got {self.blackbox_attack!r}")
         for value in self.transfer_linf_db:
             Budget("linf_db", float(value))  # validates
+        self.blackbox_budget  # validates the black-box budget
         if self.calibration_clips < 1 and "int8" in self.variants:
             raise ValueError("int8 needs calibration_clips >= 1")
 
@@ -103,8 +105,9 @@ class ExportJob:
     def blackbox_budget(self) -> Budget | None:
         if not self.blackbox_attack:
             return None
-        norm = ATTACKS[self.blackbox_attack].norm
-        return Budget("linf_db" if norm == "linf" else "snr_db", float(self.blackbox_db))
+        if ATTACKS[self.blackbox_attack].norm == "linf":
+            return Budget("linf_db", -40.0 if self.blackbox_db is None else self.blackbox_db)
+        return Budget("snr_db", 30.0 if self.blackbox_db is None else self.blackbox_db)
 
 
 def write_artifacts(model, spec: ServingSpec, out_dir: str, variants: Sequence[str],
@@ -276,9 +279,10 @@ def format_report(report: dict, title: str = "") -> str:
         lat = r.get("latency", {}).get("utterance_ms_median")
         lines.append(f"{r['name']:<11}{r['size_bytes'] / 1024:>9.0f}{r['agreement']:>8.4f}"
                      f"{r['max_abs_diff']:>9.4f}{r['uar']:>7.3f}"
-                     + "".join(f"{r['robust'][k]['accuracy']:>24.3f}" for k in keys)
+                     + "".join(f"{r['robust'][k]['accuracy']:>16.3f} / {r['robust'][k]['uar']:.3f}"
+                               for k in keys)
                      + (f"{lat:>9.1f}" if lat is not None else f"{'-':>9}"))
-    lines.append("robust columns: accuracy under attack")
+    lines.append("robust columns: accuracy / UAR under attack")
     if report.get("failed_checks"):
         lines.append("FAILED checks: " + "; ".join(report["failed_checks"]))
     elif any(r.get("checks") for r in report["artifacts"]):
@@ -334,9 +338,10 @@ def model_card(spec: ServingSpec, report: dict, context: dict) -> str:
         lat = r.get("latency", {}).get("utterance_ms_median", float("nan"))
         lines.append(f"| {r['name']} | {r['size_bytes'] / 1024:.0f} | {r['agreement']:.4f} | "
                      f"{r['uar']:.3f} | "
-                     + " | ".join(f"{v['accuracy']:.3f}" for v in r["robust"].values())
+                     + " | ".join(f"{v['accuracy']:.3f} / {v['uar']:.3f}"
+                                  for v in r["robust"].values())
                      + f" | {lat:.1f} |")
-    lines += ["", "Robust columns are accuracy under attack: transfer = crafted white-box on "
+    lines += ["", "Robust columns are accuracy / UAR under attack: transfer = crafted white-box on "
               "the Keras model and replayed; the score/decision-based attack runs against "
               "each artifact itself.",
               "", "## Limits",
