@@ -118,6 +118,7 @@ def test_every_tflite_variant_runs_with_builtin_ops_and_tracks_keras(lstm_model,
         else:
             assert agree >= 0.9, (variant, agree)
         assert (ops["int8_ops"] > 10) == (variant == "int8"), (variant, ops["int8_ops"])
+        assert (ops["int8_weight_ops"] > 0) == (variant in ("dynamic", "int8")), variant
     # (This model's weights are too few for the 8-bit files to be smaller than float32: the
     # quantization parameters and the float frontend's constants dominate.)
     sizes = {v: (out / f"model_{v}.tflite").stat().st_size for v in tflite.VARIANTS}

@@ -234,7 +234,8 @@ def verify_artifacts(reference_model, spec: ServingSpec, paths: dict[str, str],
         if name in paths and name != "savedmodel":
             with open(paths[name], "rb") as f:
                 summary = tflite.op_summary(f.read())
-            row["ops"] = {k: summary[k] for k in ("total_ops", "flex_ops", "int8_ops")}
+            row["ops"] = {k: summary[k] for k in ("total_ops", "flex_ops", "int8_ops",
+                                                  "int8_weight_ops")}
         row["check_seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
         log.info("%s: agreement %.4f, UAR %.3f, %s", name, row["agreement"], row["uar"],

@@ -92,21 +92,26 @@ def convert(source_dir: str, variant: str, *, calibration: np.ndarray | None = N
 
 
 def op_summary(content: bytes) -> dict:
-    """The ops of a TFLite model: counts by name, Flex (Select TF) ops, and how many ops
-    compute in int8."""
+    """The ops of a TFLite model: counts by name, Flex (Select TF) ops, how many ops
+    compute in int8 (int8 outputs) and how many read int8 weights (hybrid ops of
+    dynamic-range quantization included)."""
     import tensorflow as tf
 
     interpreter = tf.lite.Interpreter(model_content=content)
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
-    counts, int8 = collections.Counter(), 0
+    produced = {i for op in interpreter._get_ops_details() for i in op["outputs"]}
+    counts, int8, int8_weights = collections.Counter(), 0, 0
     for op in interpreter._get_ops_details():  # the public analyzer only prints
         counts[op["op_name"]] += 1
         outputs = [tensors[i] for i in op["outputs"] if i in tensors]
         if outputs and all(t["dtype"] == np.int8 for t in outputs):
             int8 += 1
+        if any(i in tensors and i not in produced and tensors[i]["dtype"] == np.int8
+               for i in op["inputs"]):
+            int8_weights += 1
     flex = sorted(name for name in counts if name.startswith("Flex") or name == "CUSTOM")
     return {"ops": dict(sorted(counts.items())), "total_ops": sum(counts.values()),
-            "flex_ops": flex, "int8_ops": int8}
+            "flex_ops": flex, "int8_ops": int8, "int8_weight_ops": int8_weights}
 
 
 # ---------------------------------------------------------------------------------------------
