@@ -79,14 +79,14 @@ def test_spec_round_trips_and_a_lone_tflite_file_says_what_is_missing(spec, tmp_
         ServingSpec(labels=("a",), sample_rate=8000, segment_samples=10, hop_samples=5)
 
 
-def _frontend_dtypes(interpreter) -> set:
-    """Dtypes of every tensor the frontend's ops read or write (shapes and the complex
-    spectrum aside)."""
+def _layer_dtypes(interpreter, layer: str = "frontend") -> set:
+    """Dtypes of every tensor a layer's ops read or write (shapes and the complex spectrum
+    aside)."""
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     dtypes = set()
     for op in interpreter._get_ops_details():
         outputs = [tensors[i] for i in op["outputs"] if i in tensors]
-        if not any("/frontend" in t["name"] for t in outputs):
+        if not any(f"/{layer}_" in t["name"] or f"/{layer}/" in t["name"] for t in outputs):
             continue
         for i in list(op["inputs"]) + list(op["outputs"]):
             if i in tensors and tensors[i]["dtype"] not in (np.int32, np.int64, np.complex64):
@@ -109,7 +109,11 @@ def test_every_tflite_variant_runs_with_builtin_ops_and_tracks_keras(lstm_model,
         assert ops["ops"].get("RFFT2D") == 1
         # The frontend is never quantized (float16 only stores its constants in half).
         allowed = {np.float32, np.float16} if variant == "float16" else {np.float32}
-        assert _frontend_dtypes(predictor.interpreter) <= allowed, variant
+        assert _layer_dtypes(predictor.interpreter) <= allowed, variant
+        # int8 also keeps the first conv block float; the blocks after it are int8.
+        if variant == "int8":
+            assert _layer_dtypes(predictor.interpreter, "block1_conv") == {np.float32}
+            assert np.int8 in _layer_dtypes(predictor.interpreter, "block2_conv")
         agree = np.mean(got.argmax(-1) == reference.argmax(-1))
         if variant == "float32":
             np.testing.assert_allclose(got, reference, atol=1e-4)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import tempfile
 import time
 from typing import Sequence
@@ -128,7 +129,8 @@ def write_artifacts(model, spec: ServingSpec, out_dir: str, variants: Sequence[s
     paths = {"savedmodel": savedmodel.export_savedmodel(model, spec, saved)}
     with tempfile.TemporaryDirectory(prefix="ser_edge_") as tmp:
         edge = savedmodel.export_edge_savedmodel(model, os.path.join(tmp, "edge"))
-        float_layers = (model.frontend.name, model.normalizer.name)
+        float_layers = (re.escape(model.frontend.name), re.escape(model.normalizer.name),
+                        *tflite.FLOAT_BLOCKS)
         for variant in variants:
             start = time.perf_counter()
             content = tflite.convert(edge, variant, calibration=calibration,
