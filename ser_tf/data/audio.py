@@ -691,11 +691,15 @@ def condition(wave: tf.Tensor, config: AudioConfig) -> tf.Tensor:
     Raises:
       tf.errors.InvalidArgumentError: silent, or too short after trimming.
     """
-    tf.debugging.assert_greater(tf.reduce_max(tf.abs(wave)), 1e-6,
-                                message="silent audio (all samples zero)")
+    # Each check gates what follows it, so bad audio fails with its own message rather than
+    # in whichever op on it happens to run first.
+    with tf.control_dependencies([tf.debugging.assert_greater(
+            tf.reduce_max(tf.abs(wave)), 1e-6, message="silent audio (all samples zero)")]):
+        wave = tf.identity(wave)
     if config.trim_db is not None:
         wave = trim_silence(wave, config.trim_db)
     min_samples = int(config.min_duration_s * config.sample_rate)
-    tf.debugging.assert_greater_equal(tf.size(wave), max(1, min_samples),
-                                      message="audio too short after trimming")
+    with tf.control_dependencies([tf.debugging.assert_greater_equal(
+            tf.size(wave), max(1, min_samples), message="audio too short after trimming")]):
+        wave = tf.identity(wave)
     return normalize_level(wave, config.normalize, config.level_db)

@@ -105,9 +105,14 @@ def export_savedmodel(model, spec: ServingSpec, path: str) -> str:
     def serve(waveform):
         # The signature takes any rank so that a wrong one fails with this message rather
         # than deep inside the graph.
-        tf.debugging.assert_equal(tf.rank(waveform), 1, message=expected)
-        wave = tf.reshape(waveform, [-1])
-        tf.debugging.assert_positive(tf.size(wave), message="the waveform has no samples")
+        # Each check gates the ops after it (control dependencies): otherwise an op on
+        # bad input, e.g. a division by the length, may fail first with a cryptic error.
+        with tf.control_dependencies([tf.debugging.assert_equal(tf.rank(waveform), 1,
+                                                                message=expected)]):
+            wave = tf.reshape(waveform, [-1])
+        with tf.control_dependencies([tf.debugging.assert_positive(
+                tf.size(wave), message="the waveform has no samples")]):
+            wave = tf.identity(wave)
         wave = condition(wave, spec.audio)
         windows = utterance_windows(wave, segment, hop, spec.pad_mode)
         logits = tf.reduce_mean(model(windows, training=False), axis=0)
