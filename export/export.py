@@ -84,8 +84,10 @@ def main(argv):
     except (BadAudioError, ValueError, FileNotFoundError, ConversionError) as err:
         logging.error("%s", err)
         return 1
+    label = " [SYNTHETIC corpus]" if experiment.corpus == "synthetic" else ""
     for fold in report.get("folds", [report]):
-        title = f"\n{fold.get('fold', '')} (test speakers {','.join(fold['test_speakers'])}):"
+        title = (f"\n{experiment.corpus}{label}, {fold.get('fold', '')} (test speakers "
+                 f"{','.join(fold['test_speakers'])}):")
         print(format_report(fold, title))
     where = os.path.abspath(experiment.workdir)
     print(f"\nArtifacts and export_report.json: {where}/"
