@@ -84,6 +84,8 @@ def test_ser_export_rejects_bad_requests(exported, tmp_path):
     assert done.returncode != 0 and "unknown TFLite variants ['int4']" in done.stderr
     done = _run("export.export", f"--workdir={workdir}", "--transfer_attack=spsa")
     assert done.returncode != 0 and "white-box L-inf" in done.stderr
+    done = _run("export.export", f"--workdir={workdir}", "--transfer_linf_db=loud")
+    assert done.returncode != 0 and "--transfer_linf_db takes numbers" in done.stderr
 
 
 @pytest.fixture(scope="module")

@@ -61,13 +61,6 @@ flags.DEFINE_bool("progress", None, "Progress bars (default: on a terminal).")
 flags.mark_flag_as_required("workdir")
 
 
-def _floats(values, name: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in values)
-    except ValueError:
-        raise app.UsageError(f"--{name} takes numbers, got {','.join(values)}") from None
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -88,10 +81,10 @@ def main(argv):
                    if "steps" in entry.options}
     try:
         sweep = Sweep(attacks=tuple(FLAGS.attacks), domains=tuple(FLAGS.domains),
-                      linf_db=_floats(FLAGS.linf_db, "linf_db"),
-                      snr_db=_floats(FLAGS.snr_db, "snr_db"),
-                      feature_linf=_floats(FLAGS.feature_linf, "feature_linf"),
-                      feature_l2=_floats(FLAGS.feature_l2, "feature_l2"), options=options)
+                      linf_db=common.floats(FLAGS.linf_db, "linf_db"),
+                      snr_db=common.floats(FLAGS.snr_db, "snr_db"),
+                      feature_linf=common.floats(FLAGS.feature_linf, "feature_linf"),
+                      feature_l2=common.floats(FLAGS.feature_l2, "feature_l2"), options=options)
         sweep.runs()  # builds every Budget, which validates its value
     except ValueError as err:
         raise app.UsageError(str(err))

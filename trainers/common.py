@@ -58,3 +58,11 @@ def training_config(workdir: str, data_dir: str = ""):
         argv.append(f"--data_dir={data_dir}")
     fv(argv)
     return train.build_config(fv)
+
+
+def floats(values, name: str) -> tuple[float, ...]:
+    """A list flag's values as floats, or a usage error naming the flag."""
+    try:
+        return tuple(float(v) for v in values)
+    except ValueError:
+        raise app.UsageError(f"--{name} takes numbers, got {','.join(values)}") from None
