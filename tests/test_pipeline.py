@@ -12,7 +12,8 @@ from conftest import sine, write_wav, write_wav_encoded
 from ser_tf.data.audio import AudioConfig
 from ser_tf.data.corpora import Utterance
 from ser_tf.data.pipeline import (AugmentConfig, BadAudioError, DecodeGroup, augment_waveform,
-                                  decode_corpus, decoding_dataset, evaluation_dataset,
+                                  decode_corpus, decoding_dataset, error_reason,
+                                  evaluation_dataset,
                                   fit_length, group_by_header, training_dataset,
                                   utterance_windows, window_starts)
 from test_audio import _encode_other, _make_bad_files
@@ -130,6 +131,24 @@ def test_bad_policy_and_empty_input_rejected(tmp_path):
         decode_corpus([_utt(tmp_path / "x.wav")], CFG, on_bad_audio="ignore")
     with pytest.raises(ValueError, match="no utterances"):
         decode_corpus([], CFG)
+
+
+def test_error_reason_reads_eager_and_compiled_assertions():
+    def check(x):
+        tf.debugging.assert_greater(tf.reduce_max(x), 1.0, message="silent audio (all zero)")
+        return x
+
+    with pytest.raises(tf.errors.InvalidArgumentError) as eager:
+        check(tf.zeros([3]))
+    with pytest.raises(tf.errors.InvalidArgumentError) as compiled:
+        tf.function(check)(tf.zeros([3]))
+    assert "function_node" in compiled.value.message or "[" in compiled.value.message
+    assert error_reason(eager.value) == error_reason(compiled.value) == \
+        "silent audio (all zero)"
+    assert error_reason(ValueError("plain message\nmore")) == "plain message"
+    parse = tf.errors.InvalidArgumentError(None, None, "{{function_node f}} StringToNumberOp "
+                                           "could not correctly convert string: no fmt chunk")
+    assert error_reason(parse) == "no fmt chunk"
 
 
 def test_fit_length_loops_pads_and_crops():

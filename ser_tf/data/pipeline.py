@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import logging
 import math
+import re
 from typing import Sequence
 
 import numpy as np
@@ -115,16 +116,35 @@ class DecodedCorpus:
         return len(self.utterances)
 
 
+def error_reason(err: Exception) -> str:
+    """The human part of an error raised by our in-graph checks, eager or compiled.
+
+    Eager assertions put the message first (``"silent audio ... Condition x > y ..."``);
+    compiled ones wrap it (``"{{function_node ...}} assertion failed: [silent audio ...]
+    [Condition x > y ...]"``), and the WAV decoder's compiled checks report it as a string
+    that failed to parse as a number. In each case this returns ``"silent audio ..."``.
+    """
+    message = getattr(err, "message", str(err)).strip()
+    found = re.search(r"assertion failed: \[([^\]]*)\]", message)
+    if found:
+        return found.group(1).strip(" .:")
+    # The WAV decoder's stateless checks fail by parsing their message as a number.
+    found = re.search(r"could not correctly convert string: (.*)", message)
+    if found:
+        return found.group(1).strip(" .:")
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    for marker in ("Condition x", "assertion failed"):
+        text = text.split(marker)[0].strip(" .:")
+    return text or type(err).__name__
+
+
 def _error_reason(path: str, config: AudioConfig) -> str:
     """Decodes one file eagerly and returns why it fails ("" if it does not)."""
     try:
         load_waveform(tf.constant(path), config)
     except (tf.errors.OpError, ValueError) as err:
-        message = getattr(err, "message", str(err)).strip().splitlines()
-        text = next((ln.strip() for ln in message if ln.strip()), type(err).__name__)
-        for marker in ("Condition x", "assertion failed"):
-            text = text.split(marker)[0].strip(" .:")
-        return text or type(err).__name__
+        return error_reason(err)
     return ""
 
 

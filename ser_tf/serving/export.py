@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 TARGETS = {"savedmodel": (0.999, 0.0, None), "float32": (0.999, None, None),
            "float16": (0.995, None, None), "dynamic": (0.97, 0.02, 0.03),
            "int8": (0.97, 0.02, 0.03)}
-BLACKBOX_OPTIONS = {"spsa": {"steps": 40, "samples": 16}, "nes": {"steps": 40, "samples": 16,
-                    "estimator": "nes"}, "hsj": {"max_queries": 1000},
-                    "hsj_linf": {"max_queries": 1000}}
+# Attacks run against each artifact itself: the score- and decision-based entries of the
+# attack registry, with their registered options.
+BLACKBOX_ATTACKS = tuple(name for name, entry in ATTACKS.items()
+                         if entry.family == "black-box" and not name.startswith("transfer_"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +94,8 @@ class ExportJob:
         if entry is None or entry.family != "white-box" or entry.norm != "linf":
             raise ValueError(f"transfer_attack must be a white-box L-inf attack, got "
                              f"{self.transfer_attack!r}")
-        if self.blackbox_attack and self.blackbox_attack not in BLACKBOX_OPTIONS:
-            raise ValueError(f"blackbox_attack must be one of {sorted(BLACKBOX_OPTIONS)} or "
+        if self.blackbox_attack and self.blackbox_attack not in BLACKBOX_ATTACKS:
+            raise ValueError(f"blackbox_attack must be one of {list(BLACKBOX_ATTACKS)} or "
                              f"empty, got {self.blackbox_attack!r}")
         for value in self.transfer_linf_db:
             Budget("linf_db", float(value))  # validates
@@ -227,7 +228,7 @@ def verify_artifacts(reference_model, spec: ServingSpec, paths: dict[str, str],
         if bb_budget is not None:
             pred, info = verify.blackbox_attack(
                 predictor, clips[bb_idx], y[bb_idx], name=job.blackbox_attack,
-                budget=bb_budget, options=BLACKBOX_OPTIONS[job.blackbox_attack],
+                budget=bb_budget,
                 seed=job.seed)
             key = f"{job.blackbox_attack} {bb_budget.label}"
             row["robust"][key] = dict(verify.scores(y[bb_idx], np.eye(len(classes))[pred],
@@ -261,8 +262,9 @@ def verify_artifacts(reference_model, spec: ServingSpec, paths: dict[str, str],
                      "budgets": sorted(crafted)},
         "blackbox": (None if bb_budget is None else
                      {"attack": job.blackbox_attack, "budget": bb_budget.to_dict(),
-                      "clips": int(len(bb_idx)), "options": BLACKBOX_OPTIONS[
-                          job.blackbox_attack], "run_against": "each artifact itself"}),
+                      "clips": int(len(bb_idx)),
+                      "options": ATTACKS[job.blackbox_attack].options,
+                      "run_against": "each artifact itself"}),
         "artifacts": rows,
         "failed_checks": failed,
         "_predictions": predictions,

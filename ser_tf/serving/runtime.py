@@ -16,13 +16,14 @@ MP3; any rate; mono or stereo) into a predictor's input.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import numpy as np
 import tensorflow as tf
 
-from ser_tf.data.audio import condition, decode_audio, resample_to, to_mono
-from ser_tf.data.pipeline import utterance_windows
+from ser_tf.data.audio import AudioConfig, condition, load_waveform
+from ser_tf.data.pipeline import error_reason, utterance_windows
 from ser_tf.serving.spec import ServingSpec
 
 
@@ -102,7 +103,7 @@ class Predictor:
         try:
             return self._prepare(wave).numpy()
         except tf.errors.InvalidArgumentError as err:
-            raise InputError(err.message.splitlines()[0]) from None
+            raise InputError(error_reason(err)) from None
 
     def window_logits(self, windows) -> np.ndarray:
         """Logits ``[n, classes]`` of fixed-length windows ``[n, segment_samples]``."""
@@ -170,7 +171,7 @@ class SavedModelPredictor(Predictor):
         try:
             out = self._serve(waveform=tf.constant(wave))
         except tf.errors.InvalidArgumentError as err:
-            raise InputError(err.message.splitlines()[0]) from None
+            raise InputError(error_reason(err)) from None
         return out["logits"].numpy(), int(out["windows"])
 
 
@@ -217,10 +218,13 @@ def load_predictor(path: str, num_threads: int = 1) -> Predictor:
     raise ValueError(f"{path}: expected a SavedModel folder or a .tflite file")
 
 
-@tf.function(input_signature=[tf.TensorSpec([], tf.string)], reduce_retracing=True)
-def _decode(path):
-    audio, rate = decode_audio(path)
-    return to_mono(audio), rate
+@functools.lru_cache(maxsize=None)
+def _reader(sample_rate: int):
+    """The pipeline's own file loader with conditioning switched off (predictors condition)."""
+    config = AudioConfig(sample_rate=sample_rate, trim_db=None, normalize="none",
+                         min_duration_s=0.0)
+    return tf.function(lambda path: load_waveform(path, config),
+                       input_signature=[tf.TensorSpec([], tf.string)])
 
 
 def read_audio(path: str, sample_rate: int) -> np.ndarray:
@@ -228,15 +232,11 @@ def read_audio(path: str, sample_rate: int) -> np.ndarray:
     float32 at ``sample_rate``, unconditioned (predictors condition it).
 
     Raises:
-      InputError: the file is missing, unreadable, corrupt, empty or not audio.
+      InputError: the file is missing, unreadable, corrupt, empty, silent or not audio.
     """
     if not os.path.isfile(path):
         raise InputError(f"no such file: {path}")
     try:
-        wave, rate = _decode(tf.constant(path))
-        if int(tf.size(wave)) == 0:
-            raise InputError("the file has no audio samples")
-        out = resample_to(wave, rate, sample_rate)
+        return _reader(int(sample_rate))(tf.constant(path)).numpy()
     except tf.errors.OpError as err:
-        raise InputError(err.message.splitlines()[0]) from None
-    return out.numpy()
+        raise InputError(error_reason(err)) from None

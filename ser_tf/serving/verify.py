@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ser_tf.attacks import blackbox
 from ser_tf.attacks.budget import Budget
+from ser_tf.attacks.runner import ATTACKS
 from ser_tf.evaluation.metrics import classification_metrics
 from ser_tf.serving.runtime import Predictor
 
@@ -67,18 +68,18 @@ def scores(y: np.ndarray, logits: np.ndarray, labels: Sequence[str]) -> dict:
 
 
 def blackbox_attack(predictor: Predictor, clips: np.ndarray, y: np.ndarray, *, name: str,
-                    budget: Budget, options: dict, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """Runs a score- or decision-based attack against ``predictor.window_logits``.
+                    budget: Budget, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Runs a registered score- or decision-based attack (``ser_tf.attacks.runner.ATTACKS``,
+    with its registered options) against ``predictor.window_logits``.
 
     Returns:
       ``(predictions [N], {"queries_per_example", "seconds"})``.
     """
-    fn = {"spsa": blackbox.spsa, "nes": blackbox.spsa, "hsj": blackbox.hop_skip_jump,
-          "hsj_linf": blackbox.hop_skip_jump}[name]
+    entry = ATTACKS[name]
     counter = blackbox.QueryCounter(predictor.window_logits)
     start = time.perf_counter()
-    adv = np.asarray(fn(predictor.window_logits, clips, budget=budget, y=y, seed=seed,
-                        counter=counter, **options))
+    adv = np.asarray(entry.fn(predictor.window_logits, clips, budget=budget, y=y, seed=seed,
+                              counter=counter, **entry.options))
     seconds = time.perf_counter() - start
     pred = window_logits(predictor, adv).argmax(-1)
     return pred, {"queries_per_example": round(counter.queries / len(clips), 1),
