@@ -350,10 +350,11 @@ def model_card(spec: ServingSpec, report: dict, context: dict) -> str:
               "the Keras model and replayed; the score/decision-based attack runs against "
               "each artifact itself.",
               "", "## Limits",
-              "- Trained on acted speech from few speakers; expect lower accuracy on "
-              "spontaneous speech, other languages and other microphones.",
-              "- Not robust to an attacker with gradient access at -40 dB unless trained "
-              "adversarially (see the robustness figures above)."]
+              f"- Trained and tested on {context.get('corpus')} only: expect lower accuracy "
+              "on other speaking styles, languages and microphones.",
+              "- The transfer columns are white-box attacks crafted with the Keras model's "
+              "gradients: the accuracy left under them is what an attacker with the model "
+              "file leaves this model."]
     if report.get("failed_checks"):
         lines += ["", "## Failed export checks", ""]
         lines += [f"- {c}" for c in report["failed_checks"]]
