@@ -22,7 +22,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from ser_tf.data.audio import AudioConfig, condition, load_waveform
+from ser_tf.data.audio import (AudioConfig, AudioHeaderError, condition, load_waveform,
+                               read_audio_header)
 from ser_tf.data.pipeline import error_reason, utterance_windows
 from ser_tf.serving.spec import ServingSpec
 
@@ -219,12 +220,14 @@ def load_predictor(path: str, num_threads: int = 1) -> Predictor:
 
 
 @functools.lru_cache(maxsize=None)
-def _reader(sample_rate: int):
-    """The pipeline's own file loader with conditioning switched off (predictors condition)."""
+def _reader(sample_rate: int, file_rate: int, wav_format: str | None):
+    """The pipeline's own file loader, built for one file rate and format (a small graph:
+    one resampler, one decoder), with conditioning switched off (predictors condition)."""
     config = AudioConfig(sample_rate=sample_rate, trim_db=None, normalize="none",
                          min_duration_s=0.0)
-    return tf.function(lambda path: load_waveform(path, config),
-                       input_signature=[tf.TensorSpec([], tf.string)])
+    return tf.function(
+        lambda path: load_waveform(path, config, rate=file_rate, wav_format=wav_format),
+        input_signature=[tf.TensorSpec([], tf.string)])
 
 
 def read_audio(path: str, sample_rate: int) -> np.ndarray:
@@ -237,6 +240,11 @@ def read_audio(path: str, sample_rate: int) -> np.ndarray:
     if not os.path.isfile(path):
         raise InputError(f"no such file: {path}")
     try:
-        return _reader(int(sample_rate))(tf.constant(path)).numpy()
+        header = read_audio_header(path)
+    except (OSError, AudioHeaderError) as err:
+        raise InputError(str(err)) from None
+    try:
+        reader = _reader(int(sample_rate), header.rate, header.wav_format)
+        return reader(tf.constant(path)).numpy()
     except tf.errors.OpError as err:
         raise InputError(error_reason(err)) from None
