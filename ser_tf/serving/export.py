@@ -218,21 +218,20 @@ def verify_artifacts(reference_model, spec: ServingSpec, paths: dict[str, str],
         if name == "keras":
             reference_logits = logits
         row.update(verify.agreement(logits, reference_logits))
-        row.update(verify.scores(y, logits, classes))
+        row.update(verify.scores(y, logits.argmax(-1), classes))
         row["robust"] = {}
         predictions[name] = {"clean": (y, logits.argmax(-1))}
         for key, adv in crafted.items():
-            adv_logits = verify.window_logits(predictor, adv)
-            row["robust"][f"transfer {key}"] = verify.scores(y, adv_logits, classes)
-            predictions[name][f"transfer {key}"] = (y, adv_logits.argmax(-1))
+            adv_pred = predictor.window_logits(adv).argmax(-1)
+            row["robust"][f"transfer {key}"] = verify.scores(y, adv_pred, classes)
+            predictions[name][f"transfer {key}"] = (y, adv_pred)
         if bb_budget is not None:
             pred, info = verify.blackbox_attack(
                 predictor, clips[bb_idx], y[bb_idx], name=job.blackbox_attack,
                 budget=bb_budget,
                 seed=job.seed)
             key = f"{job.blackbox_attack} {bb_budget.label}"
-            row["robust"][key] = dict(verify.scores(y[bb_idx], np.eye(len(classes))[pred],
-                                                    classes), **info)
+            row["robust"][key] = dict(verify.scores(y[bb_idx], pred, classes), **info)
             predictions[name][key] = (y[bb_idx], pred)
         if name in paths and name != "savedmodel":
             with open(paths[name], "rb") as f:
@@ -380,7 +379,7 @@ def _pool(fold_reports: list[dict], predictions: list[dict], classes: Sequence[s
         for key in keys:
             ys = np.concatenate([p[name][key][0] for p in predictions])
             pred = np.concatenate([p[name][key][1] for p in predictions])
-            row[key] = verify.scores(ys, np.eye(len(classes))[pred], classes)
+            row[key] = verify.scores(ys, pred, classes)
         ref = np.concatenate([p["keras"]["clean"][1] for p in predictions])
         own = np.concatenate([p[name]["clean"][1] for p in predictions])
         row["agreement"] = float(np.mean(ref == own))

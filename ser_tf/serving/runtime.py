@@ -28,6 +28,13 @@ from ser_tf.data.pipeline import error_reason, utterance_windows
 from ser_tf.serving.spec import ServingSpec
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities of logits ``[..., classes]`` (float64)."""
+    z = np.asarray(logits, np.float64)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
 class InputError(ValueError):
     """A waveform a model cannot take (wrong shape, type, or no samples)."""
 
@@ -118,8 +125,7 @@ class Predictor:
     def predict(self, waveform) -> Prediction:
         """The emotion and class probabilities of a raw mono waveform at the model's rate."""
         logits, count = self.utterance_logits(waveform)
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
+        p = softmax(logits)
         return Prediction(self.labels[int(np.argmax(p))],
                           {c: float(v) for c, v in zip(self.labels, p)}, count)
 

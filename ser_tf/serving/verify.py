@@ -31,13 +31,7 @@ from ser_tf.attacks import blackbox
 from ser_tf.attacks.budget import Budget
 from ser_tf.attacks.runner import ATTACKS
 from ser_tf.evaluation.metrics import classification_metrics
-from ser_tf.serving.runtime import Predictor
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, np.float64)
-    z = np.exp(z - z.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
+from ser_tf.serving.runtime import Predictor, softmax
 
 
 def utterance_logits(predictor: Predictor, waves: Sequence[np.ndarray], progress: bool = False,
@@ -49,21 +43,15 @@ def utterance_logits(predictor: Predictor, waves: Sequence[np.ndarray], progress
     return np.stack(out).astype(np.float32)
 
 
-def window_logits(predictor: Predictor, clips: np.ndarray, batch: int = 64) -> np.ndarray:
-    """``[N, classes]`` logits of fixed-length clips."""
-    return np.concatenate([predictor.window_logits(clips[i:i + batch])
-                           for i in range(0, len(clips), batch)])
-
-
 def agreement(logits: np.ndarray, reference: np.ndarray) -> dict:
     """Argmax agreement and the largest absolute class-probability difference."""
     return {"agreement": float(np.mean(logits.argmax(-1) == reference.argmax(-1))),
             "max_abs_diff": float(np.abs(softmax(logits) - softmax(reference)).max())}
 
 
-def scores(y: np.ndarray, logits: np.ndarray, labels: Sequence[str]) -> dict:
-    """Accuracy and UAR of logits."""
-    m = classification_metrics(y, logits.argmax(-1), labels)
+def scores(y: np.ndarray, predictions: np.ndarray, labels: Sequence[str]) -> dict:
+    """Accuracy and UAR of predicted class indices."""
+    m = classification_metrics(y, predictions, labels)
     return {"accuracy": m["accuracy"], "uar": m["uar"]}
 
 
@@ -81,7 +69,7 @@ def blackbox_attack(predictor: Predictor, clips: np.ndarray, y: np.ndarray, *, n
     adv = np.asarray(entry.fn(predictor.window_logits, clips, budget=budget, y=y, seed=seed,
                               counter=counter, **entry.options))
     seconds = time.perf_counter() - start
-    pred = window_logits(predictor, adv).argmax(-1)
+    pred = predictor.window_logits(adv).argmax(-1)
     return pred, {"queries_per_example": round(counter.queries / len(clips), 1),
                   "seconds": round(seconds, 1)}
 
