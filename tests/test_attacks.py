@@ -180,4 +180,25 @@ def test_bad_arguments_raise_clear_errors(tone_model):
     with pytest.raises(ValueError, match="target labels"):
         W.pgd(model, x, budget=LINF, targeted=True)
     with pytest.raises(ValueError, match="step_size"):
-        W.pgd(model, x, budget=LINF, step_size=2.0)
+        W.pgd(model, x, budget=LINF, step_size=2.5)
+    with pytest.raises(ValueError, match="soft labels need y"):
+        W.pgd(model, x, budget=LINF, soft_labels=True)
+    with pytest.raises(ValueError, match="restarts=1 with soft labels"):
+        W.pgd(model, x, budget=LINF, y=tf.nn.softmax(model(x)), soft_labels=True, restarts=2)
+
+
+def test_soft_label_pgd_ascends_the_kl_divergence_from_the_given_distribution(tone_model):
+    model, x, _ = tone_model
+    small = B.Budget("linf_db", -40.0)
+    p = tf.nn.softmax(model(x))
+
+    def kl(adv):
+        log_q = tf.nn.log_softmax(model(adv))
+        return float(tf.reduce_mean(tf.reduce_sum(p * (tf.math.log(p + 1e-12) - log_q), -1)))
+
+    tf.random.set_seed(0)
+    noise = B.project(x, x + tf.random.uniform(x.shape, -1.0, 1.0), small)
+    adv = W.pgd(model, x, budget=small, y=p, soft_labels=True, steps=5)
+    assert float(tf.reduce_max(tf.abs(adv - x) / tf.reduce_max(tf.abs(x), 1, keepdims=True))) \
+        <= small.radius * (1 + 1e-5)
+    assert kl(adv) > 10 * max(kl(noise), 1e-3)

@@ -94,7 +94,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_float("stats_dropout", 0.5, "Dropout on the standardised functionals.",
                        flag_values=fv)
     # -- training ------------------------------------------------------------------------------
-    flags.DEFINE_enum("trainer", "standard", ["standard"], "Training method.", flag_values=fv)
+    flags.DEFINE_enum("trainer", "standard", ["standard", "adversarial"],
+                      "Training method: standard, or adversarial (see the --adv_* flags).",
+                      flag_values=fv)
     flags.DEFINE_integer("epochs", 40, "Maximum epochs.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 32, "Batch size.", flag_values=fv)
     flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (AdamW, cosine decay).",
@@ -126,6 +128,30 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                       "labelled as such in metrics.json).", flag_values=fv)
     flags.DEFINE_bool("deterministic", True, "TF op determinism (same seed, same numbers).",
                       flag_values=fv)
+    # -- adversarial training (--trainer=adversarial) ---------------------------------------
+    flags.DEFINE_enum("adv_method", "pgd", ["pgd", "fast", "trades"], "pgd: Madry PGD-k; fast: "
+                      "FGSM with a random start (Wong et al.); trades: TRADES.", flag_values=fv)
+    flags.DEFINE_enum("adv_domain", "waveform", ["waveform", "features"], "Craft training "
+                      "examples on the waveform (through the frontend) or on the normalised "
+                      "features.", flag_values=fv)
+    flags.DEFINE_string("adv_budget", "linf_db:-40", "Training budget KIND:VALUE: linf_db (dB "
+                        "below each crop's peak) or snr_db for waveforms, linf or l2 for "
+                        "features.", flag_values=fv)
+    flags.DEFINE_integer("adv_steps", 10, "Attack steps of pgd and of TRADES' inner "
+                         "maximisation.", flag_values=fv)
+    flags.DEFINE_float("adv_step_size", 0.0, "Step as a fraction of the radius (0: 2.5/steps; "
+                       "fast: 1.25).", flag_values=fv)
+    flags.DEFINE_float("adv_ratio", 0.6, "Share of each batch replaced by adversarial examples "
+                       "(pgd, fast).", flag_values=fv)
+    flags.DEFINE_float("trades_beta", 6.0, "TRADES: weight of the robustness (KL) term.",
+                       flag_values=fv)
+    flags.DEFINE_integer("adv_warmup_epochs", 5, "Epochs over which the budget's radius grows "
+                         "linearly to its full size.", flag_values=fv)
+    flags.DEFINE_float("robust_weight", 0.5, "Model selection: weight of the robust validation "
+                       "UAR (PGD at the training budget) against the clean one.",
+                       flag_values=fv)
+    flags.DEFINE_integer("adv_val_steps", 10, "PGD steps of the per-epoch validation attack.",
+                         flag_values=fv)
     # -- output --------------------------------------------------------------------------------
     flags.DEFINE_string("workdir", None, "Output folder (created; re-running resumes).",
                         flag_values=fv)
@@ -171,11 +197,22 @@ def build_config(fv: flags.FlagValues = FLAGS):
                         eval_hop_s=fv.eval_hop_s, pad_mode=fv.pad_mode, augment=augment,
                         deterministic=fv.deterministic, speaker_norm=fv.speaker_norm,
                         refit=fv.refit)
+    method = None
+    if fv.trainer == "adversarial":
+        from ser_tf.attacks.budget import Budget
+        from ser_tf.defenses.adversarial import AdversarialConfig
+
+        method = AdversarialConfig(
+            method=fv.adv_method, domain=fv.adv_domain, budget=Budget.parse(fv.adv_budget),
+            steps=fv.adv_steps, step_size=fv.adv_step_size or None, ratio=fv.adv_ratio,
+            trades_beta=fv.trades_beta, warmup_epochs=fv.adv_warmup_epochs,
+            robust_weight=fv.robust_weight, val_steps=fv.adv_val_steps)
     return ExperimentConfig(
         workdir=fv.workdir, corpus=fv.corpus, data_dir=fv.data_dir,
         classes=fv.classes, merge=fv.merge, protocol=fv.protocol,
         test_speakers=tuple(fv.test_speakers), folds=fv.folds,
         val_speakers=fv.val_speakers, only_folds=tuple(fv.fold), trainer=fv.trainer,
+        method=method,
         on_bad_audio=fv.on_bad_audio, audio=audio, model=model, train=train,
         synthetic_speakers=fv.synthetic_speakers,
         synthetic_per_class=fv.synthetic_per_class, verbose=verbose)
@@ -190,12 +227,13 @@ def main(argv):
     except ValueError as err:
         raise app.UsageError(str(err))
     common.write_flags(cfg.workdir)
-    from ser_tf.evaluation.report import format_metrics
     from ser_tf.data.pipeline import BadAudioError
+    from ser_tf.defenses import fold_trainer
+    from ser_tf.evaluation.report import format_metrics
     from ser_tf.training.experiment import run_experiment
 
     try:
-        metrics = run_experiment(cfg)
+        metrics = run_experiment(cfg, fold_trainer(cfg))
     except (BadAudioError, ValueError, FileNotFoundError) as err:
         logging.error("%s", err)
         return 1

@@ -40,7 +40,12 @@ from ser_tf.attacks.budget import Budget, project, scaled_problem
 ModelFn = Callable[[tf.Tensor], tf.Tensor]
 
 
-def _labels(model_fn: ModelFn, x: tf.Tensor, y, targeted: bool) -> tf.Tensor:
+def _labels(model_fn: ModelFn, x: tf.Tensor, y, targeted: bool,
+            soft: bool = False) -> tf.Tensor:
+    if soft:
+        if y is None:
+            raise ValueError("soft labels need y: class probabilities [batch, classes]")
+        return tf.convert_to_tensor(y, tf.float32)
     if y is None:
         if targeted:
             raise ValueError("a targeted attack needs the target labels y")
@@ -48,9 +53,9 @@ def _labels(model_fn: ModelFn, x: tf.Tensor, y, targeted: bool) -> tf.Tensor:
     return tf.cast(tf.convert_to_tensor(y), tf.int32)
 
 
-def _prepare(model_fn: ModelFn, x, y, targeted: bool, budget: Budget):
+def _prepare(model_fn: ModelFn, x, y, targeted: bool, budget: Budget, soft: bool = False):
     x = tf.convert_to_tensor(x, tf.float32)
-    y = _labels(model_fn, x, y, targeted)
+    y = _labels(model_fn, x, y, targeted, soft)
     return x, y, scaled_problem(model_fn, x, budget)
 
 
@@ -79,33 +84,43 @@ def fgsm(model_fn: ModelFn, x, *, budget: Budget, y=None, targeted: bool = False
 
 def pgd(model_fn: ModelFn, x, *, budget: Budget, y=None, targeted: bool = False,
         steps: int = 10, step_size: float | None = None, random_start: bool = True,
-        restarts: int = 1) -> tf.Tensor:
+        restarts: int = 1, soft_labels: bool = False) -> tf.Tensor:
     """Projected gradient descent (Madry et al. 2018), L-inf or L2 after the budget.
+
+    One step with a random start and ``step_size=1.25`` is the "fast" FGSM of Wong et al.
+    (2020); soft labels give TRADES' inner maximisation (Zhang et al. 2019).
 
     Args:
       model_fn, x, budget, y, targeted: see the module docstring.
       steps: gradient steps per run.
       step_size: step as a fraction of the radius (default ``2.5 / steps``, Madry's rule,
-        at most 1).
+        at most 1); up to 2 (a single step larger than the radius is then projected back).
       random_start: start from a uniform point of the ball (BIM when False).
       restarts: independent random starts; per example the most successful run is kept
-        (a misclassification, else the highest loss).
+        (a misclassification, else the highest loss). Hard labels only.
+      soft_labels: ``y`` holds class probabilities ``[batch, classes]`` (required) and the
+        attack maximises the cross-entropy to them, i.e. the KL divergence of the model's
+        prediction from ``y`` plus a constant (minimises it when ``targeted``).
 
     Returns:
       The adversarial batch, shaped like ``x``.
     """
     if steps < 1 or restarts < 1:
         raise ValueError(f"steps and restarts must be >= 1, got {steps}, {restarts}")
-    x, y, p = _prepare(model_fn, x, y, targeted, budget)
+    if soft_labels and restarts > 1:
+        raise ValueError("restarts pick the most successful run by its hard label: use "
+                         "restarts=1 with soft labels")
+    x, y, p = _prepare(model_fn, x, y, targeted, budget, soft_labels)
     fraction = min(1.0, 2.5 / steps) if step_size is None else float(step_size)
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"step_size must be in (0, 1] of the radius, got {step_size}")
+    if not 0.0 < fraction <= 2.0:
+        raise ValueError(f"step_size must be in (0, 2] of the radius, got {step_size}")
+    loss_fn = tf.nn.softmax_cross_entropy_with_logits if soft_labels else None
     best, best_score = None, None
     # The random starts draw from TF's global generator: tf.random.set_seed makes them
     # reproducible.
     for _ in range(restarts):
         z_adv = _projected_gradient_steps(p, y, targeted, budget.norm, steps,
-                                          fraction * p.eps, random_start)
+                                          fraction * p.eps, random_start, loss_fn)
         adv = project(x, p.unscale(z_adv), budget)
         if restarts == 1:
             return adv
@@ -127,10 +142,12 @@ def _clip(z: tf.Tensor, p) -> tf.Tensor:
 
 
 def _projected_gradient_steps(p, y: tf.Tensor, targeted: bool, norm, steps: int,
-                              eps_iter: float, random_start: bool) -> tf.Tensor:
+                              eps_iter: float, random_start: bool,
+                              loss_fn: Callable | None = None) -> tf.Tensor:
     """CleverHans' PGD (Madry et al.; BIM without the random start), iterated in a graph
     loop: a random point of the ball, then ``steps`` fast-gradient steps, each projected
-    back onto the ball and the sample range."""
+    back onto the ball and the sample range. ``loss_fn(labels=, logits=)`` is the loss the
+    steps ascend (default: sparse cross-entropy)."""
     z = p.z
     if random_start:
         eta = clip_eta(random_lp_vector(tf.shape(z), norm, tf.cast(p.eps, z.dtype),
@@ -139,8 +156,9 @@ def _projected_gradient_steps(p, y: tf.Tensor, targeted: bool, norm, steps: int,
         eta = tf.zeros_like(z)
     adv = _clip(z + eta, p)
     for _ in tf.range(steps):
-        adv = fast_gradient_method(p.model_fn, adv, eps_iter, norm, clip_min=p.clip_min,
-                                   clip_max=p.clip_max, y=y, targeted=targeted)
+        adv = fast_gradient_method(p.model_fn, adv, eps_iter, norm, loss_fn=loss_fn,
+                                   clip_min=p.clip_min, clip_max=p.clip_max, y=y,
+                                   targeted=targeted)
         adv = _clip(z + clip_eta(adv - z, norm, p.eps), p)
     return adv
 

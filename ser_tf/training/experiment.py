@@ -31,8 +31,9 @@ from ser_tf.workdir import fold_dir, write_json
 
 log = logging.getLogger(__name__)
 
+#: Trains one fold: ``(decoded, labels, classes, fold, model_cfg, train_cfg, workdir,
+#: verbose=) -> test metrics`` (see :func:`ser_tf.training.standard.train_fold`).
 Trainer = Callable[..., dict]
-TRAINERS: dict[str, Trainer] = {"standard": train_fold}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,11 @@ class ExperimentConfig:
       folds: number of folds for ``kfold``.
       val_speakers: validation speakers per fold.
       only_folds: train only these fold names (empty: all).
-      trainer: trainer name (see :data:`TRAINERS`).
+      trainer: the training method's name (``standard``, ``adversarial``, ``gan``); the
+        fold trainer itself is passed to :func:`run_experiment`
+        (:func:`ser_tf.defenses.fold_trainer` maps this configuration to it).
+      method: the training method's own configuration (e.g.
+        :class:`ser_tf.defenses.adversarial.AdversarialConfig`), None for ``standard``.
       on_bad_audio: ``skip`` or ``fail``.
       audio: audio conditioning.
       model: model configuration.
@@ -71,6 +76,7 @@ class ExperimentConfig:
     val_speakers: int = 2
     only_folds: Sequence[str] = ()
     trainer: str = "standard"
+    method: object = None
     on_bad_audio: str = "skip"
     audio: AudioConfig = AudioConfig()
     model: ModelConfig = ModelConfig()
@@ -164,15 +170,17 @@ def open_run(cfg: ExperimentConfig, fold_names: Sequence[str] = (),
     return TrainedRun(cfg, decoded, labels, tuple(classes), folds, selected)
 
 
-def run_experiment(cfg: ExperimentConfig) -> dict:
+def run_experiment(cfg: ExperimentConfig, fold_trainer: Trainer = train_fold) -> dict:
     """Runs (or resumes) an experiment and returns its top-level metrics.
 
+    Args:
+      cfg: the experiment.
+      fold_trainer: trains each fold (default: the standard trainer).
+
     Raises:
-      ValueError: unknown trainer, bad protocol arguments, or unusable data.
+      ValueError: bad protocol arguments, or unusable data.
       ser_tf.data.pipeline.BadAudioError: bad audio with ``on_bad_audio="fail"``.
     """
-    if cfg.trainer not in TRAINERS:
-        raise ValueError(f"unknown trainer {cfg.trainer!r}; available: {sorted(TRAINERS)}")
     if cfg.model.sample_rate != cfg.audio.sample_rate:
         raise ValueError("model and audio sample rates differ")
     os.makedirs(cfg.workdir, exist_ok=True)
@@ -193,15 +201,14 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                              f"{[f.name for f in folds]}")
         folds = [f for f in folds if f.name in set(cfg.only_folds)]
 
-    trainer = TRAINERS[cfg.trainer]
     fold_metrics, pooled_idx, pooled_pred = [], [], []
     for k, fold in enumerate(folds):
         workdir = fold_dir(cfg.workdir, fold.name, len(folds))
         log.info("fold %d/%d (%s): test speakers %s, validation speakers %s, %d/%d/%d "
                  "utterances", k + 1, len(folds), fold.name, ",".join(fold.test_speakers),
                  ",".join(fold.val_speakers), len(fold.train), len(fold.val), len(fold.test))
-        metrics = trainer(decoded, labels, classes, fold, cfg.model, cfg.train, workdir,
-                          verbose=cfg.verbose)
+        metrics = fold_trainer(decoded, labels, classes, fold, cfg.model, cfg.train, workdir,
+                               verbose=cfg.verbose)
         fold_metrics.append(metrics)
         with open(os.path.join(workdir, "predictions.csv")) as f:
             pooled_pred += [index[r["predicted"]] for r in csv.DictReader(f)]

@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import keras
 import numpy as np
@@ -112,7 +112,7 @@ def _class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
 class _EpochState(keras.callbacks.Callback):
     """Validation, early stopping, TensorBoard summaries and checkpoints after each epoch."""
 
-    def __init__(self, trainer: "_FoldTrainer"):
+    def __init__(self, trainer: "FoldTrainer"):
         super().__init__()
         self.t = trainer
 
@@ -125,8 +125,14 @@ class _EpochState(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-class _FoldTrainer:
-    """State and steps of one fold's training (see :func:`train_fold`)."""
+class FoldTrainer:
+    """State and steps of one fold's training (see :func:`train_fold`).
+
+    Other training methods (``ser_tf.defenses``) subclass it and override its extension
+    points: :meth:`fit_model` (the Keras model whose ``fit`` runs the training steps),
+    :meth:`callbacks` (extra per-epoch work), :meth:`validate` (the model-selection score)
+    and :meth:`hparams` (what TensorBoard's hparams dashboard shows).
+    """
 
     def __init__(self, corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str],
                  fold: Fold, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str,
@@ -140,7 +146,7 @@ class _FoldTrainer:
         self.rate = corpus.config.sample_rate
         self.segment = int(round(model_cfg.segment_s * self.rate))
         self.hop = max(1, int(round(cfg.eval_hop_s * self.rate)))
-        self.state = {"epoch": 0, "best_uar": -1.0, "best_epoch": -1, "wait": 0,
+        self.state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "wait": 0,
                       "history": [], "train_seconds": 0.0}
         self.val_writer = tf.summary.create_file_writer(os.path.join(workdir, "tb", "val"))
         self._eval_sets: dict[tuple[int, ...], tuple[tf.data.Dataset, int]] = {}
@@ -188,9 +194,11 @@ class _FoldTrainer:
         # The state file is written after the checkpoint; trust the checkpoint's epoch.
         state["history"] = state["history"][:int(self.epoch_var.numpy())]
         state["epoch"] = int(self.epoch_var.numpy())
+        # Runs started before the score had its own name kept it as "best_uar".
+        state.setdefault("best_score", state.pop("best_uar", -1.0))
         self.state = state
-        log.info("resuming %s at epoch %d (best val UAR %.3f at epoch %d)", self.workdir,
-                 state["epoch"], state["best_uar"], state["best_epoch"] + 1)
+        log.info("resuming %s at epoch %d (best validation score %.3f at epoch %d)",
+                 self.workdir, state["epoch"], state["best_score"], state["best_epoch"] + 1)
         return True
 
     def adapt_normalizer(self) -> None:
@@ -230,26 +238,58 @@ class _FoldTrainer:
                                        [self.corpus.utterances[i] for i in indices])
         return metrics, logits
 
+    # -- extension points ----------------------------------------------------------------
+    def fit_model(self) -> keras.Model:
+        """The compiled model whose ``fit`` runs the training steps (here the SER model)."""
+        return self.model
+
+    def callbacks(self) -> list[keras.callbacks.Callback]:
+        """Callbacks run before the per-epoch validation and checkpoint."""
+        return []
+
+    def validate(self, epoch: int, logs: dict) -> tuple[float, dict, dict]:
+        """Validation after an epoch.
+
+        Returns:
+          ``(score, metrics, entry)``: the model-selection score (higher is better; here
+          the validation UAR, or the training accuracy without validation speakers), the
+          validation metrics (empty without validation speakers) and extra figures for the
+          epoch's history entry.
+        """
+        val, _ = self.evaluate(self.fold.val, "validating") if self.fold.val else ({}, None)
+        return val.get("uar", float(logs.get("accuracy", 0.0))), val, {}
+
+    def describe(self) -> dict:
+        """What the training method adds to ``metrics.json`` (nothing here)."""
+        return {}
+
+    def hparams(self) -> dict:
+        """Hyperparameters for TensorBoard's hparams dashboard."""
+        return {**dataclasses.asdict(self.model_cfg), **dataclasses.asdict(self.cfg)}
+
     # -- per-epoch -------------------------------------------------------------------------
     def end_epoch(self, epoch: int, logs: dict) -> None:
-        val, _ = self.evaluate(self.fold.val, "validating") if self.fold.val else ({}, None)
-        uar = val.get("uar", float(logs.get("accuracy", 0.0)))
+        fit_seconds = time.time() - self._epoch_start
+        score, val, extra = self.validate(epoch, logs)
         self.state["train_seconds"] += time.time() - self._epoch_start
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         entry = {"epoch": epoch + 1, "loss": float(logs.get("loss", np.nan)),
-                 "accuracy": float(logs.get("accuracy", np.nan)), "val_uar": uar,
-                 "val_accuracy": val.get("accuracy"), "learning_rate": lr}
+                 "accuracy": float(logs.get("accuracy", np.nan)),
+                 "val_uar": val.get("uar"), "val_accuracy": val.get("accuracy"),
+                 "score": score, "learning_rate": lr, "fit_seconds": round(fit_seconds, 2),
+                 **extra}
         self.state["history"].append(entry)
         with self.val_writer.as_default(step=epoch + 1):
-            tf.summary.scalar("epoch_uar", uar)
+            tf.summary.scalar("epoch_score", score)
             if val:
+                tf.summary.scalar("epoch_uar", val["uar"])
                 tf.summary.scalar("epoch_accuracy", val["accuracy"])
                 tf.summary.image("confusion_matrix", png_to_tensor(confusion_matrix_png(
                     val["confusion_matrix"], self.classes, f"validation, epoch {epoch + 1}")))
             tf.summary.scalar("learning_rate", lr)
         # Without validation speakers there is nothing to select on: the last epoch wins.
-        if uar > self.state["best_uar"] or not self.fold.val:
-            self.state.update(best_uar=uar, best_epoch=epoch, wait=0)
+        if score > self.state["best_score"] or not self.fold.val:
+            self.state.update(best_score=score, best_epoch=epoch, wait=0)
             self.model.save_weights(self.best_path)
         else:
             self.state["wait"] += 1
@@ -259,9 +299,12 @@ class _FoldTrainer:
         self.manager.save(checkpoint_number=epoch + 1)
         write_json(self.state_path, self.state)
         if self.verbose:
-            log.info("%s epoch %d: loss %.4f, train acc %.3f, val UAR %.3f%s",
-                     self.fold.name, epoch + 1, entry["loss"], entry["accuracy"], uar,
-                     " (best)" if self.state["wait"] == 0 else "")
+            shown = "".join(f", {k} {v:.3f}" for k, v in extra.items()
+                            if isinstance(v, float))
+            log.info("%s epoch %d: loss %.4f, train acc %.3f, val UAR %s%s, score %.3f%s",
+                     self.fold.name, epoch + 1, entry["loss"], entry["accuracy"],
+                     "-" if entry["val_uar"] is None else f"{entry['val_uar']:.3f}", shown,
+                     score, " (best)" if self.state["wait"] == 0 else "")
 
     def should_stop(self) -> bool:
         return (bool(self.cfg.patience) and bool(self.fold.val)
@@ -272,8 +315,7 @@ class _FoldTrainer:
         """Hparams, plus a few training crops as audio and spectrograms, for TensorBoard."""
         writer = tf.summary.create_file_writer(os.path.join(self.workdir, "tb", "examples"))
         hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                   for k, v in {**dataclasses.asdict(self.model_cfg),
-                                **dataclasses.asdict(self.cfg)}.items()}
+                   for k, v in self.hparams().items()}
         waves, labels = next(iter(training_dataset(
             self.corpus, self.fold.train, self.labels, segment_samples=self.segment,
             batch_size=8, seed=self.cfg.seed, pad_mode=self.cfg.pad_mode)))
@@ -287,9 +329,12 @@ class _FoldTrainer:
         writer.flush()
 
 
+TrainerFactory = Callable[..., FoldTrainer]
+
+
 def train_fold(corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str], fold: Fold,
                model_cfg: ModelConfig, cfg: TrainConfig, workdir: str,
-               verbose: int = 2) -> dict:
+               verbose: int = 2, trainer_factory: TrainerFactory = FoldTrainer) -> dict:
     """Trains, selects and evaluates one fold; resumes an interrupted run.
 
     Args:
@@ -301,6 +346,8 @@ def train_fold(corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str]
       cfg: how to train.
       workdir: where this fold's outputs go.
       verbose: 0 silent, 1 progress bars, 2 one line per epoch.
+      trainer_factory: builds the fold's :class:`FoldTrainer` from the arguments above
+        (a subclass for other training methods).
 
     Returns:
       The test metrics (also written to ``workdir/metrics.json``).
@@ -312,10 +359,13 @@ def train_fold(corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str]
             return json.load(f)
     os.makedirs(workdir, exist_ok=True)
     labels = np.asarray(labels, np.int32)
-    trainer = _fit(corpus, labels, classes, fold, model_cfg, cfg, workdir, verbose)
+    trainer = _fit(trainer_factory(corpus, labels, classes, fold, model_cfg, cfg, workdir,
+                                   verbose))
+    best = trainer.state["history"][trainer.state["best_epoch"]] if fold.val else {}
     selection = {"best_epoch": trainer.state["best_epoch"] + 1,
                  "epochs_run": trainer.state["epoch"],
-                 "best_val_uar": trainer.state["best_uar"] if fold.val else None,
+                 "best_val_uar": best.get("val_uar"),
+                 "best_val_score": best.get("score"),
                  "train_seconds": round(trainer.state["train_seconds"], 1),
                  "history": trainer.state["history"]}
     if cfg.refit and fold.val:
@@ -324,8 +374,8 @@ def train_fold(corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str]
                                         refit=False)
         log.info("%s: refitting on training + validation speakers (%d utterances) for %d "
                  "epochs", fold.name, len(refit_fold.train), refit_cfg.epochs)
-        trainer = _fit(corpus, labels, classes, refit_fold, model_cfg, refit_cfg,
-                       os.path.join(workdir, "refit"), verbose)
+        trainer = _fit(trainer_factory(corpus, labels, classes, refit_fold, model_cfg,
+                                       refit_cfg, os.path.join(workdir, "refit"), verbose))
         selection.update(refit_epochs=refit_cfg.epochs, n_refit_train=len(refit_fold.train),
                          train_seconds=round(selection["train_seconds"]
                                              + trainer.state["train_seconds"], 1))
@@ -336,7 +386,7 @@ def train_fold(corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str]
                       classes)
     test.update(fold=fold.name, test_speakers=list(fold.test_speakers),
                 val_speakers=list(fold.val_speakers), n_train=len(fold.train),
-                n_val=len(fold.val), **selection)
+                n_val=len(fold.val), **selection, **trainer.describe())
     png = confusion_matrix_png(test["confusion_matrix"], classes, f"test, {fold.name}")
     with open(os.path.join(workdir, "confusion_matrix.png"), "wb") as f:
         f.write(png)
@@ -351,14 +401,13 @@ def train_fold(corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str]
     return test
 
 
-def _fit(corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str], fold: Fold,
-         model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, verbose: int) -> _FoldTrainer:
-    """Trains (or resumes) one model in ``workdir``; returns its trainer, selected weights
-    loaded."""
+def _fit(trainer: FoldTrainer) -> FoldTrainer:
+    """Trains (or resumes) one model in the trainer's workdir; returns the trainer with the
+    selected weights loaded."""
+    cfg = trainer.cfg
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.backend.clear_session()
-    trainer = _FoldTrainer(corpus, labels, classes, fold, model_cfg, cfg, workdir, verbose)
     trainer.build()
     trainer.compute_norm_stats()
     if not trainer.restore():
@@ -367,12 +416,13 @@ def _fit(corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str], fold
     start = trainer.state["epoch"]
     if start < cfg.epochs and not trainer.should_stop():
         callbacks = [
-            keras.callbacks.TensorBoard(os.path.join(workdir, "tb"), write_graph=False,
+            keras.callbacks.TensorBoard(os.path.join(trainer.workdir, "tb"), write_graph=False,
                                         profile_batch=0),
+            *trainer.callbacks(),
             _EpochState(trainer),
         ]
-        trainer.model.fit(trainer.train_dataset(), epochs=cfg.epochs, initial_epoch=start,
-                          callbacks=callbacks, verbose=verbose, shuffle=False)
+        trainer.fit_model().fit(trainer.train_dataset(), epochs=cfg.epochs, initial_epoch=start,
+                                callbacks=callbacks, verbose=trainer.verbose, shuffle=False)
     if os.path.exists(trainer.best_path):
         trainer.model.load_weights(trainer.best_path)
     return trainer

@@ -1,0 +1,340 @@
+"""Adversarial training: PGD (Madry), fast FGSM with a random start (Wong), and TRADES.
+
+``ser-train --trainer=adversarial`` trains a fold exactly as the standard trainer does
+(same data, schedule, checkpoints, resume, outputs; :class:`AdversarialTrainer` is a
+:class:`~ser_tf.training.standard.FoldTrainer`), but each training step first crafts
+adversarial examples against the current model with the project's own attacks
+(:func:`ser_tf.attacks.whitebox.pgd`) and trains on them:
+
+* ``pgd``: Madry et al. (2018): ``steps`` projected gradient steps from a random start;
+  a ``ratio`` share of each batch is replaced by its adversarial version (the published
+  SER defenses mixed 60% adversarial examples; 1.0 is Madry's min-max).
+* ``fast``: Wong et al. (2020): one signed step of 1.25 radii from a uniform random start,
+  projected back: about two passes per example instead of ``steps + 1``.
+* ``trades``: Zhang et al. (2019): the loss is the clean cross-entropy plus
+  ``beta * KL(p(x) || p(x'))``, where ``x'`` maximises that KL divergence in the ball
+  (PGD on soft labels). Every example gets its adversarial twin (``ratio`` is unused).
+
+The examples are crafted in the waveform domain by default: through the model's own
+differentiable frontend, under a budget relative to each training crop's peak (the budget
+ser-attack evaluates). ``domain="features"`` crafts on the classifier's normalised log-mel
+input instead, as the published feature-domain defenses did. The attack sees the model in
+inference mode (no dropout or SpecAugment, batch-norm moving statistics): the model as it
+will be attacked.
+
+The budget warms up: over the first ``warmup_epochs`` epochs its radius grows linearly
+to the full budget (in amplitude, so -40 dB starts near -50 dB), which keeps early
+training from collapsing onto a constant prediction. After every epoch the trainer attacks
+the validation speakers' central clips with PGD at the full budget and selects the model
+on ``(1 - robust_weight) * clean UAR + robust_weight * robust UAR``; both go to
+TensorBoard and the epoch history beside the training-batch clean and adversarial
+accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ser_tf.attacks import whitebox
+from ser_tf.attacks.budget import Budget
+from ser_tf.data.pipeline import central_clips
+from ser_tf.evaluation.metrics import classification_metrics
+from ser_tf.training.standard import FoldTrainer, train_fold
+
+log = logging.getLogger(__name__)
+
+METHODS = ("pgd", "fast", "trades")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdversarialConfig:
+    """How to train adversarially (filled from flags by the app).
+
+    Attributes:
+      method: ``pgd``, ``fast`` or ``trades``.
+      domain: ``waveform`` (through the frontend) or ``features`` (normalised log-mel).
+      budget: the perturbation bound, of the domain's kinds (``linf_db``/``snr_db`` for
+        waveforms, ``linf``/``l2`` for features).
+      steps: attack steps of ``pgd`` and of TRADES' inner maximisation (``fast``: one).
+      step_size: step as a fraction of the radius (default: ``2.5 / steps``; ``fast``
+        1.25).
+      ratio: share of each batch replaced by adversarial examples (``pgd``, ``fast``).
+      trades_beta: weight of TRADES' robustness term.
+      warmup_epochs: epochs over which the radius grows linearly to the full budget.
+      robust_weight: weight of the robust validation UAR in the model-selection score.
+      val_steps: PGD steps of the per-epoch validation attack.
+    """
+
+    method: str = "pgd"
+    domain: str = "waveform"
+    budget: Budget = Budget("linf_db", -40.0)
+    steps: int = 10
+    step_size: float | None = None
+    ratio: float = 0.6
+    trades_beta: float = 6.0
+    warmup_epochs: int = 5
+    robust_weight: float = 0.5
+    val_steps: int = 10
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown adversarial training method {self.method!r}; "
+                             f"choose from {METHODS}")
+        if self.budget.domain != self.domain:
+            kinds = "linf_db or snr_db" if self.domain == "waveform" else "linf or l2"
+            raise ValueError(f"budget {self.budget.kind} is a {self.budget.domain} budget; "
+                             f"the {self.domain} domain needs {kinds}")
+        if self.steps < 1 or self.val_steps < 1:
+            raise ValueError(f"steps and val_steps must be >= 1, got {self.steps}, "
+                             f"{self.val_steps}")
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"the adversarial ratio must be in (0, 1], got {self.ratio}")
+        if not 0.0 <= self.robust_weight <= 1.0:
+            raise ValueError(f"robust_weight must be in [0, 1], got {self.robust_weight}")
+        if self.warmup_epochs < 0 or self.trades_beta < 0:
+            raise ValueError("warmup_epochs and trades_beta must be >= 0")
+
+    @property
+    def attack_steps(self) -> int:
+        """Gradient steps per crafted example."""
+        return 1 if self.method == "fast" else self.steps
+
+    @property
+    def fraction(self) -> float:
+        """Step size as a fraction of the radius."""
+        if self.step_size is not None:
+            return float(self.step_size)
+        return 1.25 if self.method == "fast" else min(1.0, 2.5 / self.steps)
+
+    def budget_at(self, epoch: int) -> Budget:
+        """The budget of (0-based) ``epoch``: the radius ramps up linearly over the warm-up."""
+        if epoch >= self.warmup_epochs:
+            return self.budget
+        fraction = (epoch + 1) / (self.warmup_epochs + 1)
+        db = 20.0 * math.log10(fraction)
+        kind, value = self.budget.kind, self.budget.value
+        if kind == "linf_db":
+            return Budget(kind, value + db)
+        if kind == "snr_db":
+            return Budget(kind, value - db)
+        return Budget(kind, value * fraction)
+
+
+class AdversarialSteps(keras.Model):
+    """The training steps of adversarial training, around a :class:`~ser_tf.models.SERModel`.
+
+    ``fit`` on this model trains the wrapped model's weights with its own optimizer; the
+    wrapper holds no weights of its own and is never saved. Reported per epoch: ``loss``,
+    ``accuracy`` (the clean examples of the batches; for TRADES every clean example) and
+    ``adv_accuracy`` (the adversarial ones).
+    """
+
+    def __init__(self, model, config: AdversarialConfig, **kwargs):
+        super().__init__(name="adversarial_steps", **kwargs)
+        self.ser = model
+        self.config = config
+        self.budget = config.budget_at(0)
+        self._craft = self._compiled_craft()
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.clean_accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self.adv_accuracy = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.clean_accuracy, self.adv_accuracy]
+
+    def call(self, inputs, training=False):
+        return self.ser(inputs, training=training)
+
+    def set_budget(self, budget: Budget) -> None:
+        """Changes the training budget (the step function is traced again for it)."""
+        if budget != self.budget:
+            self.budget = budget
+            self._craft = self._compiled_craft()
+            self.make_train_function(force=True)
+
+    def _compiled_craft(self):
+        # Its own tf.function, so that AutoGraph turns the attack's loop into a graph loop
+        # inside Keras' train function (which it does not convert); inlined when traced.
+        return tf.function(self.craft)
+
+    def craft(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """Adversarial versions of ``x`` (waveforms, or features in the features domain) for
+        labels ``y`` (class indices, or TRADES' clean probabilities), no gradient to the
+        weights."""
+        cfg = self.config
+        if cfg.domain == "waveform":
+            def target(v):
+                return self.ser(v, training=False)
+        else:
+            def target(v):
+                return self.ser.classify(v, training=False)
+        adv = whitebox.pgd(target, x, budget=self.budget, y=y, steps=cfg.attack_steps,
+                           step_size=cfg.fraction, random_start=True,
+                           soft_labels=cfg.method == "trades")
+        return tf.stop_gradient(adv)
+
+    def _inputs(self, x: tf.Tensor) -> tf.Tensor:
+        """What the attack perturbs: the waveform, or its normalised features."""
+        return x if self.config.domain == "waveform" else self.ser.features(x)
+
+    def _logits(self, v: tf.Tensor) -> tf.Tensor:
+        if self.config.domain == "waveform":
+            return self.ser(v, training=True)
+        return self.ser.classify(v, training=True)
+
+    def train_step(self, data):
+        x, y, w = keras.utils.unpack_x_y_sample_weight(data)
+        y = tf.cast(y, tf.int32)
+        w = tf.ones(tf.shape(y), tf.float32) if w is None else tf.cast(w, tf.float32)
+        batch = tf.cast(tf.shape(y)[0], tf.float32)
+        cfg = self.config
+        if cfg.method == "trades":
+            clean_inputs = self._inputs(x)
+            p_clean = tf.nn.softmax(self.ser.classify(clean_inputs, training=False)
+                                    if cfg.domain == "features"
+                                    else self.ser(x, training=False))
+            adv = self._craft(clean_inputs, tf.stop_gradient(p_clean))
+            with tf.GradientTape() as tape:
+                # One pass over both halves: batch normalisation sees one batch.
+                logits_clean, logits_adv = tf.split(
+                    self._logits(tf.concat([clean_inputs, adv], 0)), 2)
+                xent = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits_clean)
+                log_p = tf.nn.log_softmax(logits_clean)
+                kl = tf.reduce_sum(tf.exp(log_p) * (log_p - tf.nn.log_softmax(logits_adv)), -1)
+                loss = tf.reduce_sum(w * (xent + cfg.trades_beta * kl)) / batch
+            self.clean_accuracy.update_state(y, logits_clean)
+            self.adv_accuracy.update_state(y, logits_adv)
+        else:
+            n_adv = tf.cast(tf.round(cfg.ratio * batch), tf.int32)
+            adv = self._craft(self._inputs(x[:n_adv]), y[:n_adv])
+            clean = self._inputs(x[n_adv:])
+            with tf.GradientTape() as tape:
+                logits = self._logits(tf.concat([adv, clean], 0))
+                xent = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
+                loss = tf.reduce_sum(w * xent) / batch
+            self.adv_accuracy.update_state(y[:n_adv], logits[:n_adv])
+            self.clean_accuracy.update_state(y[n_adv:], logits[n_adv:])
+        variables = self.ser.trainable_variables
+        grads = tape.gradient(loss, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        self.loss_tracker.update_state(loss)
+        return {m.name: m.result() for m in self.metrics}
+
+
+class _BudgetSchedule(keras.callbacks.Callback):
+    def __init__(self, steps: AdversarialSteps):
+        super().__init__()
+        self.steps = steps
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.steps.set_budget(self.steps.config.budget_at(epoch))
+
+
+class AdversarialTrainer(FoldTrainer):
+    """A fold trained adversarially (see the module docstring)."""
+
+    def __init__(self, *args, adversarial: AdversarialConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adversarial = adversarial
+        self._val_clips: tuple[np.ndarray, np.ndarray] | None = None
+
+    def build(self) -> None:
+        if self.cfg.speaker_norm:
+            raise ValueError("adversarial training does not support --speaker_norm")
+        super().build()
+        self.steps = AdversarialSteps(self.model, self.adversarial)
+        self.steps.compile(optimizer=self.model.optimizer, jit_compile=False)
+        self.val_attack = tf.function(self._attack_batch, reduce_retracing=True)
+
+    def restore(self) -> bool:
+        resumed = super().restore()
+        self.steps.budget = self.adversarial.budget_at(self.state["epoch"])
+        return resumed
+
+    def fit_model(self) -> keras.Model:
+        return self.steps
+
+    def callbacks(self) -> list[keras.callbacks.Callback]:
+        return [_BudgetSchedule(self.steps)]
+
+    def describe(self) -> dict:
+        return {"adversarial_training": {**dataclasses.asdict(self.adversarial),
+                                         "budget": self.adversarial.budget.to_dict()}}
+
+    def hparams(self) -> dict:
+        adv = {f"adv_{k}": v for k, v in dataclasses.asdict(self.adversarial).items()
+               if k != "budget"}
+        adv["adv_budget"] = self.adversarial.budget.label
+        return {**super().hparams(), **adv}
+
+    def _attack_batch(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """Predictions under validation PGD at the full budget (true labels)."""
+        cfg = self.adversarial
+        if cfg.domain == "waveform":
+            def target(v):
+                return self.model(v, training=False)
+            inputs = x
+        else:
+            def target(v):
+                return self.model.classify(v, training=False)
+            inputs = self.model.features(x)
+        adv = whitebox.pgd(target, inputs, budget=cfg.budget, y=y, steps=cfg.val_steps)
+        return tf.argmax(target(adv), -1, output_type=tf.int32)
+
+    def robust_predictions(self, indices: Sequence[int], batch_size: int = 32) -> np.ndarray:
+        """Predictions on the central clips of ``indices`` under validation PGD."""
+        if self._val_clips is None or len(self._val_clips[0]) != len(indices):
+            clips = central_clips(self.corpus, indices, segment_samples=self.segment,
+                                  pad_mode=self.cfg.pad_mode)
+            self._val_clips = (clips, self.labels[np.asarray(indices)])
+        clips, y = self._val_clips
+        preds = []
+        for start in range(0, len(clips), batch_size):
+            xb, yb = clips[start:start + batch_size], y[start:start + batch_size]
+            n = len(xb)
+            if n < batch_size <= len(clips):  # one traced shape: pad the last batch
+                xb = np.concatenate([xb, clips[:batch_size - n]])
+                yb = np.concatenate([yb, y[:batch_size - n]])
+            preds.append(self.val_attack(tf.constant(xb), tf.constant(yb)).numpy()[:n])
+        return np.concatenate(preds)
+
+    def validate(self, epoch: int, logs: dict) -> tuple[float, dict, dict]:
+        score, val, extra = super().validate(epoch, logs)
+        extra = {**extra, "budget": self.steps.budget.label,
+                 "adv_accuracy": float(logs.get("adv_accuracy", np.nan))}
+        if not self.fold.val:
+            return score, val, extra
+        y = self.labels[np.asarray(self.fold.val)]
+        robust = classification_metrics(y, self.robust_predictions(self.fold.val),
+                                        self.classes)
+        w = self.adversarial.robust_weight
+        score = (1.0 - w) * val["uar"] + w * robust["uar"]
+        extra.update(val_robust_uar=robust["uar"], val_robust_accuracy=robust["accuracy"])
+        with self.val_writer.as_default(step=epoch + 1):
+            tf.summary.scalar("epoch_robust_uar", robust["uar"],
+                              description=f"PGD-{self.adversarial.val_steps} at "
+                                          f"{self.adversarial.budget.label}, central clips")
+            tf.summary.scalar("epoch_robust_accuracy", robust["accuracy"])
+        return score, val, extra
+
+
+def train_adversarial_fold(*args, adversarial: AdversarialConfig = AdversarialConfig(),
+                           **kwargs) -> dict:
+    """:func:`ser_tf.training.standard.train_fold` with adversarial training steps.
+
+    Takes the standard trainer's arguments plus ``adversarial``; writes the same outputs,
+    its epoch history adding the robust validation figures.
+    """
+
+    def factory(*a, **k):
+        return AdversarialTrainer(*a, adversarial=adversarial, **k)
+
+    return train_fold(*args, trainer_factory=factory, **kwargs)
