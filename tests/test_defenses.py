@@ -103,14 +103,20 @@ def test_adversarial_training_raises_robust_accuracy_over_standard(standard_tone
         f"{method}: robust accuracy {robust:.2f} vs standard {std_robust:.2f}")
 
 
-def test_adversarial_steps_report_clean_and_adversarial_accuracy():
+@pytest.mark.parametrize("config", [
+    AdversarialConfig(budget=TONE_BUDGET, steps=2, ratio=0.5, warmup_epochs=0),
+    AdversarialConfig(method="fast", budget=TONE_BUDGET, ratio=0.5, warmup_epochs=0),
+    AdversarialConfig(method="trades", budget=TONE_BUDGET, steps=2, warmup_epochs=0),
+    AdversarialConfig(domain="features", budget=Budget("l2", 1.0), steps=2, ratio=0.5,
+                      warmup_epochs=0),
+], ids=["pgd", "fast", "trades", "pgd-features-l2"])
+def test_adversarial_steps_train_every_weight_and_report_both_accuracies(config):
     x, y = tone_dataset(6, seed=0)
     model = _tone_model()
     model.normalizer.adapt([model.frontend(x)])
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    steps = AdversarialSteps(model, AdversarialConfig(budget=TONE_BUDGET, steps=2, ratio=0.5,
-                                                      warmup_epochs=0))
+    steps = AdversarialSteps(model, config)
     steps.compile(optimizer=model.optimizer, jit_compile=False)
     before = [w.numpy().copy() for w in model.trainable_weights]
     history = steps.fit(x, y, batch_size=6, epochs=1, verbose=0)
@@ -146,11 +152,9 @@ def _experiment(manifest, workdir, method) -> ExperimentConfig:
 
 @pytest.mark.parametrize("method", [
     AdversarialConfig(method="pgd", steps=2, val_steps=2, warmup_epochs=1),
-    AdversarialConfig(method="fast", val_steps=2, warmup_epochs=1),
-    AdversarialConfig(method="trades", steps=2, val_steps=2, warmup_epochs=1),
-    AdversarialConfig(method="pgd", domain="features", budget=Budget("linf", 0.5), steps=2,
+    AdversarialConfig(method="trades", domain="features", budget=Budget("linf", 0.5), steps=2,
                       val_steps=2, warmup_epochs=1),
-], ids=["pgd", "fast", "trades", "pgd-features"])
+], ids=["pgd", "trades-features"])
 def test_adversarial_trainer_writes_the_standard_outputs_and_robust_history(
         manifest, tmp_path, method):
     cfg = _experiment(manifest, tmp_path / "w", method)
@@ -199,3 +203,203 @@ def test_unknown_trainer_and_wrong_method_config_are_clear_errors(manifest, tmp_
         fold_trainer(dataclasses.replace(cfg, trainer="bayesian"))
     with pytest.raises(ValueError, match="needs an AdversarialConfig"):
         fold_trainer(dataclasses.replace(cfg, method=object()))
+
+
+# -- GAN-augmented training ------------------------------------------------------------------
+
+
+def test_conditional_wgan_trains_with_finite_losses_generates_the_right_shape_and_resumes(
+        tmp_path):
+    from ser_tf.defenses.gan import ConditionalWGAN, GANConfig
+
+    shape = (21, 12, 1)  # frames and bins that are not multiples of the upsampling
+    cfg = GANConfig(latent_dim=8, width=4, steps=3, critic_steps=2, batch_size=4,
+                    checkpoint_every=2)
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(16,) + shape).astype(np.float32)
+    data = tf.data.Dataset.from_tensor_slices((maps, np.arange(16) % 3)).repeat().batch(4)
+    gan = ConditionalWGAN(shape, 3, cfg, workdir=str(tmp_path))
+    writer = tf.summary.create_file_writer(str(tmp_path / "tb"))
+    gan.fit(data, writer=writer, classes=("a", "b", "c"), progress=False)
+    writer.flush()
+    assert gan.sample([0, 1, 2, 2]).shape == (4,) + shape
+    scalars, images = {}, set()
+    for name in os.listdir(tmp_path / "tb"):
+        for event in tf.compat.v1.train.summary_iterator(str(tmp_path / "tb" / name)):
+            for v in event.summary.value:
+                if v.tag == "generated_per_emotion":
+                    images.add(event.step)
+                else:
+                    scalars.setdefault(v.tag, []).append(float(tf.make_ndarray(v.tensor)))
+    assert {"critic_loss", "generator_loss", "wasserstein", "gradient_penalty"} <= set(scalars)
+    assert all(np.isfinite(v).all() for v in scalars.values())
+    assert images == {2, 3}
+    # Re-opened from its workdir it is finished: nothing more is trained.
+    again = ConditionalWGAN(shape, 3, dataclasses.replace(cfg, steps=3), workdir=str(tmp_path))
+    assert int(again.step.numpy()) == 3
+    np.testing.assert_array_equal(again.generator.get_weights()[0],
+                                  gan.generator.get_weights()[0])
+
+
+def test_gan_quality_tells_a_faithful_generator_from_noise():
+    from ser_tf.defenses.gan import gan_quality
+
+    rng = np.random.default_rng(0)
+
+    def maps(labels):
+        # Class k: a ridge at bins 3k..3k+2 over noise.
+        out = rng.normal(0.0, 0.5, (len(labels), 30, 12, 1))
+        for i, k in enumerate(labels):
+            out[i, :, 3 * k:3 * k + 3] += 2.0
+        return out.astype(np.float32)
+
+    y_train, y_held = np.arange(60) % 3, np.arange(30) % 3
+    real_train, real_held = maps(y_train), maps(y_held)
+    faithful = gan_quality(maps, real_train, y_train, real_held, y_held, ("a", "b", "c"),
+                           per_class=30)
+    noise = gan_quality(lambda labels: rng.normal(size=(len(labels), 30, 12, 1)), real_train,
+                        y_train, real_held, y_held, ("a", "b", "c"), per_class=30)
+    assert faithful["probe_accuracy_real"] >= 0.95
+    assert faithful["probe_accuracy_generated"] >= 0.95
+    assert min(faithful["probe_accuracy_per_emotion"].values()) >= 0.9
+    assert noise["probe_accuracy_generated"] < 0.6
+    assert faithful["fd_generated_vs_real"] < 0.2 * noise["fd_generated_vs_real"]
+    assert faithful["fd_real_train_vs_real_held"] == noise["fd_real_train_vs_real_held"]
+
+
+def _gan_experiment(manifest, workdir, **gan):
+    from ser_tf.defenses.gan import GANConfig
+
+    method = GANConfig(**{"steps": 4, "critic_steps": 2, "latent_dim": 8, "width": 4,
+                          "batch_size": 8, "checkpoint_every": 2, **gan})
+    return dataclasses.replace(_experiment(manifest, workdir, None), trainer="gan",
+                               method=method)
+
+
+def test_gan_trainer_mixes_generated_and_adversarial_examples_and_reports_the_generator(
+        manifest, tmp_path):
+    adversarial = AdversarialConfig(method="fast", val_steps=2, warmup_epochs=0)
+    cfg = _gan_experiment(manifest, tmp_path / "w", adversarial=adversarial)
+    metrics = run_experiment(cfg, fold_trainer(cfg))
+    quality = metrics["gan"]["quality"]
+    assert set(quality["probe_accuracy_per_emotion"]) == set(metrics["labels"])
+    assert np.isfinite(quality["fd_generated_vs_real"])
+    for h in metrics["history"]:
+        assert 0.0 <= h["gen_accuracy"] <= 1.0 and 0.0 <= h["adv_accuracy"] <= 1.0
+    assert metrics["gan"]["config"]["adversarial"]["method"] == "fast"
+    assert os.path.exists(os.path.join(cfg.workdir, "gan", "quality.json"))
+    assert keras.saving.load_model(os.path.join(cfg.workdir, "model.keras")).purifier is None
+
+
+def test_gan_config_rejects_trades_mixing_and_bad_values():
+    from ser_tf.defenses.gan import GANConfig
+
+    with pytest.raises(ValueError, match="TRADES"):
+        GANConfig(adversarial=AdversarialConfig(method="trades"))
+    with pytest.raises(ValueError, match="ratio"):
+        GANConfig(ratio=-1.0)
+
+
+# -- the GAN purifier defense ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def purified_tone_model():
+    """The tone CNN, briefly trained, with a purifier whose correction is not zero."""
+    from ser_tf.defenses.purifier import build_purifier
+
+    x, y = tone_dataset(20, seed=0)
+    model = _tone_model()
+    model.normalizer.adapt([model.frontend(x)])
+    model.compile(optimizer=keras.optimizers.Adam(3e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=20, epochs=8, verbose=0)
+    purifier = build_purifier(24, 1, width=4)
+    out = purifier.get_layer("purifier_out")
+    kernel, bias = out.get_weights()
+    out.set_weights([np.random.default_rng(0).normal(0, 0.05, kernel.shape), bias])
+    return model.with_purifier(purifier)
+
+
+def test_purifier_and_classifier_save_load_and_export_as_one_model(purified_tone_model,
+                                                                   tmp_path):
+    from ser_tf.serving.export import write_artifacts
+    from ser_tf.serving.runtime import load_predictor
+    from ser_tf.serving.spec import ServingSpec
+
+    model = purified_tone_model
+    x, _ = tone_dataset(3, seed=5)
+    reference = model(x).numpy()
+    without = model.classifier(model.features(x)).numpy()
+    assert np.abs(reference - without).max() > 1e-3, "the purifier must change the logits"
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.purifier is not None
+    np.testing.assert_allclose(loaded(x).numpy(), reference, atol=1e-5)
+    spec = ServingSpec.for_model(loaded, AudioConfig(sample_rate=8000), hop_s=0.25)
+    paths = write_artifacts(loaded, spec, str(tmp_path / "export"), ("float32",), None)
+    for name in ("savedmodel", "float32"):
+        got = load_predictor(paths[name]).window_logits(x)
+        np.testing.assert_allclose(got, reference, atol=1e-4, err_msg=name)
+
+
+def test_bpda_keeps_the_logits_and_passes_gradients_straight_through(purified_tone_model):
+    model = purified_tone_model
+    x, y = tone_dataset(2, seed=6)
+    x = tf.constant(x)
+    np.testing.assert_allclose(model(x, bpda=True).numpy(), model(x).numpy(), atol=1e-6)
+
+    def grad(fn, v):
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, fn(v)))
+        return tape.gradient(loss, v)
+
+    feats = model.features(x)
+    straight = grad(lambda f: model.classify(f, bpda=True), feats)
+    # BPDA's gradient is the classifier's gradient at the purified point, passed unchanged.
+    at_purified = grad(lambda f: model.classifier(f), model.purifier(feats))
+    np.testing.assert_allclose(straight.numpy(), at_purified.numpy(), rtol=1e-4, atol=1e-6)
+    full = grad(lambda f: model.classify(f), feats)
+    assert np.abs(full.numpy() - straight.numpy()).max() > 1e-6
+    wave_grad = grad(lambda w: model(w, bpda=True), x)
+    assert np.all(np.isfinite(wave_grad.numpy())) and np.abs(wave_grad.numpy()).max() > 0
+
+
+def test_attack_runner_runs_bpda_variants_only_for_purified_models(purified_tone_model):
+    from ser_tf.attacks.runner import Sweep, evaluate
+
+    x, y = tone_dataset(2, seed=7)
+    sweep = Sweep(attacks=("fgsm", "pgd"), linf_db=(-30.0,), options={"pgd": {"steps": 2}},
+                  bpda=True)
+    assert [r[0] for r in sweep.runs()] == ["fgsm", "fgsm+bpda", "pgd", "pgd+bpda"]
+    clean, outcomes = evaluate(purified_tone_model, x, y, sweep, batch_size=6, progress=False)
+    assert [o.name for o in outcomes] == ["fgsm", "fgsm+bpda", "pgd", "pgd+bpda"]
+    for o in outcomes:
+        assert np.nanmax(o.linf_db) <= -30.0 + 1e-3
+    with pytest.raises(ValueError, match="purifier"):
+        evaluate(_tone_model(), x, y, sweep, progress=False)
+
+
+def test_purifier_trainer_puts_a_trained_purifier_into_the_saved_model(manifest, tmp_path):
+    from ser_tf.defenses.purifier import PurifierConfig
+
+    method = PurifierConfig(steps=4, width=4, batch_size=8, attack_steps=2,
+                            checkpoint_every=2)
+    cfg = dataclasses.replace(_experiment(manifest, tmp_path / "w", None),
+                              trainer="purifier", method=method)
+    metrics = run_experiment(cfg, fold_trainer(cfg))
+    report = metrics["purifier"]
+    assert report["config"]["steps"] == 4
+    assert 0.0 <= report["val_uar_with_purifier"] <= 1.0
+    model = keras.saving.load_model(os.path.join(cfg.workdir, "model.keras"))
+    assert model.purifier is not None
+    out = model.purifier.get_layer("purifier_out").get_weights()[0]
+    assert np.abs(out).max() > 0, "the purifier's correction was trained away from zero"
+    tags = set()
+    for root, _, files in os.walk(os.path.join(cfg.workdir, "tb", "purifier")):
+        for name in files:
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
+                tags |= {v.tag for v in event.summary.value}
+    assert {"reconstruction_l1", "discriminator_loss", "clean_adversarial_purified"} <= tags

@@ -57,6 +57,9 @@ flags.DEFINE_string("out_dir", "", "Write the reports here instead of into the w
                     "(fold reports into its fold_XX/ folders).")
 flags.DEFINE_integer("attacker_clips", 200, "Transfer attacks: clips of the non-test "
                      "speakers the attacker owns and has the target label.")
+flags.DEFINE_bool("bpda", False, "Also run every white-box attack with straight-through "
+                  "(BPDA) gradients through the model's purifier, as NAME+bpda (models "
+                  "trained with --trainer=purifier).")
 flags.DEFINE_bool("progress", None, "Progress bars (default: on a terminal).")
 flags.mark_flag_as_required("workdir")
 
@@ -84,7 +87,8 @@ def main(argv):
                       linf_db=common.floats(FLAGS.linf_db, "linf_db"),
                       snr_db=common.floats(FLAGS.snr_db, "snr_db"),
                       feature_linf=common.floats(FLAGS.feature_linf, "feature_linf"),
-                      feature_l2=common.floats(FLAGS.feature_l2, "feature_l2"), options=options)
+                      feature_l2=common.floats(FLAGS.feature_l2, "feature_l2"), options=options,
+                      bpda=FLAGS.bpda)
         sweep.runs()  # builds every Budget, which validates its value
     except ValueError as err:
         raise app.UsageError(str(err))

@@ -94,8 +94,10 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_float("stats_dropout", 0.5, "Dropout on the standardised functionals.",
                        flag_values=fv)
     # -- training ------------------------------------------------------------------------------
-    flags.DEFINE_enum("trainer", "standard", ["standard", "adversarial"],
-                      "Training method: standard, or adversarial (see the --adv_* flags).",
+    flags.DEFINE_enum("trainer", "standard", ["standard", "adversarial", "gan", "purifier"],
+                      "Training method: standard; adversarial (--adv_* flags); gan: "
+                      "GAN-augmented (--gan_* flags); purifier: standard, then a GAN "
+                      "purifier in front of the classifier (--purifier_* flags).",
                       flag_values=fv)
     flags.DEFINE_integer("epochs", 40, "Maximum epochs.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 32, "Batch size.", flag_values=fv)
@@ -152,6 +154,40 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                        flag_values=fv)
     flags.DEFINE_integer("adv_val_steps", 10, "PGD steps of the per-epoch validation attack.",
                          flag_values=fv)
+    # -- GAN-augmented training (--trainer=gan) ---------------------------------------------
+    flags.DEFINE_integer("gan_steps", 2000, "Generator updates of the conditional WGAN-GP.",
+                         flag_values=fv)
+    flags.DEFINE_integer("gan_critic_steps", 3, "Critic updates per generator update.",
+                         flag_values=fv)
+    flags.DEFINE_integer("gan_latent_dim", 64, "Generator noise dimensions.", flag_values=fv)
+    flags.DEFINE_integer("gan_width", 32, "GAN conv width.", flag_values=fv)
+    flags.DEFINE_integer("gan_batch_size", 32, "Real feature maps per critic step.",
+                         flag_values=fv)
+    flags.DEFINE_float("gan_learning_rate", 2e-4, "GAN Adam learning rate.", flag_values=fv)
+    flags.DEFINE_float("gan_ratio", 0.5, "Generated feature maps per real crop in classifier "
+                       "training.", flag_values=fv)
+    flags.DEFINE_bool("gan_adversarial", False, "Also mix adversarial examples into each real "
+                      "batch, as --trainer=adversarial does (--adv_* flags; pgd or fast).",
+                      flag_values=fv)
+    # -- GAN purifier defense (--trainer=purifier) ------------------------------------------
+    flags.DEFINE_integer("purifier_steps", 1500, "Purifier updates.", flag_values=fv)
+    flags.DEFINE_integer("purifier_width", 32, "Purifier and discriminator conv width.",
+                         flag_values=fv)
+    flags.DEFINE_integer("purifier_batch_size", 32, "Training crops per purifier step.",
+                         flag_values=fv)
+    flags.DEFINE_list("purifier_budgets", ["linf_db:-50", "linf_db:-40", "linf_db:-30"],
+                      "Waveform budgets of the purifier's adversarial training inputs "
+                      "(cycled).", flag_values=fv)
+    flags.DEFINE_integer("purifier_attack_steps", 10, "PGD steps crafting them.",
+                         flag_values=fv)
+    flags.DEFINE_float("purifier_clean_share", 0.5, "Share of each purifier batch left clean.",
+                       flag_values=fv)
+    flags.DEFINE_float("purifier_rec_weight", 10.0, "Weight of the L1 reconstruction term.",
+                       flag_values=fv)
+    flags.DEFINE_float("purifier_gan_weight", 1.0, "Weight of the least-squares GAN term.",
+                       flag_values=fv)
+    flags.DEFINE_float("purifier_cls_weight", 1.0, "Weight of the frozen classifier's "
+                       "cross-entropy on purified features (0: off).", flag_values=fv)
     # -- output --------------------------------------------------------------------------------
     flags.DEFINE_string("workdir", None, "Output folder (created; re-running resumes).",
                         flag_values=fv)
@@ -197,16 +233,7 @@ def build_config(fv: flags.FlagValues = FLAGS):
                         eval_hop_s=fv.eval_hop_s, pad_mode=fv.pad_mode, augment=augment,
                         deterministic=fv.deterministic, speaker_norm=fv.speaker_norm,
                         refit=fv.refit)
-    method = None
-    if fv.trainer == "adversarial":
-        from ser_tf.attacks.budget import Budget
-        from ser_tf.defenses.adversarial import AdversarialConfig
-
-        method = AdversarialConfig(
-            method=fv.adv_method, domain=fv.adv_domain, budget=Budget.parse(fv.adv_budget),
-            steps=fv.adv_steps, step_size=fv.adv_step_size or None, ratio=fv.adv_ratio,
-            trades_beta=fv.trades_beta, warmup_epochs=fv.adv_warmup_epochs,
-            robust_weight=fv.robust_weight, val_steps=fv.adv_val_steps)
+    method = _method_config(fv)
     return ExperimentConfig(
         workdir=fv.workdir, corpus=fv.corpus, data_dir=fv.data_dir,
         classes=fv.classes, merge=fv.merge, protocol=fv.protocol,
@@ -216,6 +243,37 @@ def build_config(fv: flags.FlagValues = FLAGS):
         on_bad_audio=fv.on_bad_audio, audio=audio, model=model, train=train,
         synthetic_speakers=fv.synthetic_speakers,
         synthetic_per_class=fv.synthetic_per_class, verbose=verbose)
+
+
+def _method_config(fv: flags.FlagValues):
+    """The training method's own configuration from its flags (None for standard)."""
+    from ser_tf.attacks.budget import Budget
+    from ser_tf.defenses import AdversarialConfig, GANConfig, PurifierConfig
+
+    def adversarial():
+        return AdversarialConfig(
+            method=fv.adv_method, domain=fv.adv_domain, budget=Budget.parse(fv.adv_budget),
+            steps=fv.adv_steps, step_size=fv.adv_step_size or None, ratio=fv.adv_ratio,
+            trades_beta=fv.trades_beta, warmup_epochs=fv.adv_warmup_epochs,
+            robust_weight=fv.robust_weight, val_steps=fv.adv_val_steps)
+
+    if fv.trainer == "adversarial":
+        return adversarial()
+    if fv.trainer == "gan":
+        return GANConfig(latent_dim=fv.gan_latent_dim, width=fv.gan_width, steps=fv.gan_steps,
+                         critic_steps=fv.gan_critic_steps, batch_size=fv.gan_batch_size,
+                         learning_rate=fv.gan_learning_rate, ratio=fv.gan_ratio,
+                         adversarial=adversarial() if fv.gan_adversarial else None)
+    if fv.trainer == "purifier":
+        return PurifierConfig(
+            width=fv.purifier_width, steps=fv.purifier_steps,
+            batch_size=fv.purifier_batch_size,
+            budgets=tuple(Budget.parse(b) for b in fv.purifier_budgets),
+            attack_steps=fv.purifier_attack_steps, clean_share=fv.purifier_clean_share,
+            reconstruction_weight=fv.purifier_rec_weight,
+            adversarial_weight=fv.purifier_gan_weight,
+            classification_weight=fv.purifier_cls_weight)
+    return None
 
 
 def main(argv):

@@ -105,6 +105,8 @@ class Sweep:
       feature_linf: feature-domain L-inf radii (normalised units).
       feature_l2: feature-domain L2 radii (normalised units).
       options: per-attack option overrides, ``{name: {option: value}}``.
+      bpda: also run every white-box attack through the straight-through (BPDA) version
+        of a model's purifier, as ``NAME+bpda`` (see :meth:`ser_tf.models.SERModel.classify`).
     """
 
     attacks: Sequence[str] = ("fgsm", "pgd", "mim")
@@ -114,6 +116,7 @@ class Sweep:
     feature_linf: Sequence[float] = (0.25, 0.75, 1.25)
     feature_l2: Sequence[float] = (5.0, 10.0, 20.0)
     options: dict = dataclasses.field(default_factory=dict)
+    bpda: bool = False
 
     def __post_init__(self):
         unknown = sorted(set(self.attacks) - set(ATTACKS))
@@ -134,9 +137,15 @@ class Sweep:
         return [Budget(norm, v) for v in sorted(values)]
 
     def runs(self) -> list[tuple[str, str, Budget]]:
-        """Every ``(attack, domain, budget)`` of the sweep."""
-        return [(name, domain, b) for name in self.attacks for domain in self.domains
-                for b in self.budgets(name, domain)]
+        """Every ``(attack, domain, budget)`` of the sweep (BPDA runs after their attack's)."""
+        out = []
+        for name in self.attacks:
+            variants = [name]
+            if self.bpda and ATTACKS[name].family == "white-box":
+                variants.append(f"{name}+bpda")
+            out += [(v, domain, b) for v in variants for domain in self.domains
+                    for b in self.budgets(name, domain)]
+        return out
 
 
 @dataclasses.dataclass
@@ -244,8 +253,15 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, sweep: Sweep, *, batch_size: i
     """
     x = np.asarray(x, np.float32)
     y = np.asarray(y, np.int32)
+    if sweep.bpda and getattr(model, "purifier", None) is None:
+        raise ValueError("BPDA attacks need a model with a purifier (ser-train "
+                         "--trainer=purifier)")
     forward = tf.function(lambda w: model(w, training=False), reduce_retracing=True)
     classify = tf.function(lambda f: model.classify(f, training=False), reduce_retracing=True)
+    # The models the BPDA variants differentiate: the same logits, the purifier's backward
+    # pass replaced by the identity.
+    straight = {"waveform": lambda w: model(w, training=False, bpda=True),
+                "features": lambda f: model.classify(f, training=False, bpda=True)}
     featurize = tf.function(lambda w: model.features(w), reduce_retracing=True)
 
     def features_of(waves: np.ndarray) -> np.ndarray:
@@ -262,17 +278,19 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, sweep: Sweep, *, batch_size: i
     bar = tqdm(total=steps, desc="attacks", unit="batch", disable=not progress)
     outcomes = []
     for name, domain, budget in runs:
-        entry = ATTACKS[name]
-        options = {**entry.options, **sweep.options.get(name, {})}
+        base, _, variant = name.partition("+")
+        entry = ATTACKS[base]
+        options = {**entry.options, **sweep.options.get(base, {})}
         inputs = x if domain == "waveform" else features
         target = forward if domain == "waveform" else classify
+        gradient_model = straight[domain] if variant == "bpda" else target
         bar.set_postfix_str(f"{name} {domain} {budget.label}")
         tf.random.set_seed(seed)
         start = time.perf_counter()
         # queries: per-example query counts (black-box only); counter: the live counter
         # whose growth over a batch is that batch's queries (score/decision-based only).
         queries, counter = None, None
-        if name.startswith("transfer_"):
+        if base.startswith("transfer_"):
             if domain not in substitutes:
                 bar.set_postfix_str(f"training the {domain} substitute")
                 oracle = blackbox.QueryCounter(target)
@@ -290,7 +308,7 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, sweep: Sweep, *, batch_size: i
                                                         "counter": counter})
             queries = np.zeros(len(inputs))
         else:
-            craft = tf.function(_crafter(entry.fn, target, budget, options),
+            craft = tf.function(_crafter(entry.fn, gradient_model, budget, options),
                                 reduce_retracing=True)
         adv = []
         for s in _batches(len(inputs), batch_size):

@@ -12,10 +12,12 @@ from __future__ import annotations
 import functools
 
 from ser_tf.defenses.adversarial import AdversarialConfig, train_adversarial_fold
+from ser_tf.defenses.gan import GANConfig, train_gan_fold
+from ser_tf.defenses.purifier import PurifierConfig, train_purifier_fold
 from ser_tf.training.experiment import ExperimentConfig, Trainer
 from ser_tf.training.standard import train_fold
 
-TRAINERS = ("standard", "adversarial")
+TRAINERS = ("standard", "adversarial", "gan", "purifier")
 
 
 def fold_trainer(cfg: ExperimentConfig) -> Trainer:
@@ -32,7 +34,19 @@ def fold_trainer(cfg: ExperimentConfig) -> Trainer:
             raise ValueError(f"--trainer=adversarial needs an AdversarialConfig, got "
                              f"{type(method).__name__}")
         return functools.partial(train_adversarial_fold, adversarial=method)
+    if cfg.trainer == "gan":
+        method = cfg.method if cfg.method is not None else GANConfig()
+        if not isinstance(method, GANConfig):
+            raise ValueError(f"--trainer=gan needs a GANConfig, got {type(method).__name__}")
+        return functools.partial(train_gan_fold, gan=method)
+    if cfg.trainer == "purifier":
+        method = cfg.method if cfg.method is not None else PurifierConfig()
+        if not isinstance(method, PurifierConfig):
+            raise ValueError(f"--trainer=purifier needs a PurifierConfig, got "
+                             f"{type(method).__name__}")
+        return functools.partial(train_purifier_fold, purifier=method)
     raise ValueError(f"unknown trainer {cfg.trainer!r}; available: {list(TRAINERS)}")
 
 
-__all__ = ["AdversarialConfig", "TRAINERS", "fold_trainer", "train_adversarial_fold"]
+__all__ = ["AdversarialConfig", "GANConfig", "PurifierConfig", "TRAINERS", "fold_trainer",
+           "train_adversarial_fold", "train_gan_fold", "train_purifier_fold"]

@@ -127,6 +127,44 @@ class AdversarialConfig:
         return Budget(kind, value * fraction)
 
 
+def craft_examples(model, x: tf.Tensor, y: tf.Tensor, config: AdversarialConfig,
+                   budget: Budget) -> tf.Tensor:
+    """Training examples crafted against ``model`` in inference mode, no gradient to its
+    weights.
+
+    Args:
+      model: the SERModel being trained.
+      x: waveforms, or normalised features in the features domain.
+      y: class indices, or (TRADES) the clean class probabilities.
+      config: the method (steps, step size, domain).
+      budget: the budget of the current epoch.
+
+    Returns:
+      The adversarial batch, shaped like ``x``.
+    """
+    if config.domain == "waveform":
+        def target(v):
+            return model(v, training=False)
+    else:
+        def target(v):
+            return model.classify(v, training=False)
+    adv = whitebox.pgd(target, x, budget=budget, y=y, steps=config.attack_steps,
+                       step_size=config.fraction, random_start=True,
+                       soft_labels=config.method == "trades")
+    return tf.stop_gradient(adv)
+
+
+class BudgetSchedule(keras.callbacks.Callback):
+    """Sets the training steps' budget at the start of every epoch (the warm-up)."""
+
+    def __init__(self, steps: keras.Model, config: AdversarialConfig):
+        super().__init__()
+        self.steps, self.config = steps, config
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.steps.set_budget(self.config.budget_at(epoch))
+
+
 class AdversarialSteps(keras.Model):
     """The training steps of adversarial training, around a :class:`~ser_tf.models.SERModel`.
 
@@ -163,23 +201,8 @@ class AdversarialSteps(keras.Model):
     def _compiled_craft(self):
         # Its own tf.function, so that AutoGraph turns the attack's loop into a graph loop
         # inside Keras' train function (which it does not convert); inlined when traced.
-        return tf.function(self.craft)
-
-    def craft(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        """Adversarial versions of ``x`` (waveforms, or features in the features domain) for
-        labels ``y`` (class indices, or TRADES' clean probabilities), no gradient to the
-        weights."""
-        cfg = self.config
-        if cfg.domain == "waveform":
-            def target(v):
-                return self.ser(v, training=False)
-        else:
-            def target(v):
-                return self.ser.classify(v, training=False)
-        adv = whitebox.pgd(target, x, budget=self.budget, y=y, steps=cfg.attack_steps,
-                           step_size=cfg.fraction, random_start=True,
-                           soft_labels=cfg.method == "trades")
-        return tf.stop_gradient(adv)
+        budget = self.budget
+        return tf.function(lambda x, y: craft_examples(self.ser, x, y, self.config, budget))
 
     def _inputs(self, x: tf.Tensor) -> tf.Tensor:
         """What the attack perturbs: the waveform, or its normalised features."""
@@ -229,15 +252,6 @@ class AdversarialSteps(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
 
-class _BudgetSchedule(keras.callbacks.Callback):
-    def __init__(self, steps: AdversarialSteps):
-        super().__init__()
-        self.steps = steps
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.steps.set_budget(self.steps.config.budget_at(epoch))
-
-
 class AdversarialTrainer(FoldTrainer):
     """A fold trained adversarially (see the module docstring)."""
 
@@ -263,7 +277,7 @@ class AdversarialTrainer(FoldTrainer):
         return self.steps
 
     def callbacks(self) -> list[keras.callbacks.Callback]:
-        return [_BudgetSchedule(self.steps)]
+        return [BudgetSchedule(self.steps, self.adversarial)]
 
     def describe(self) -> dict:
         return {"adversarial_training": {**dataclasses.asdict(self.adversarial),
@@ -308,8 +322,7 @@ class AdversarialTrainer(FoldTrainer):
 
     def validate(self, epoch: int, logs: dict) -> tuple[float, dict, dict]:
         score, val, extra = super().validate(epoch, logs)
-        extra = {**extra, "budget": self.steps.budget.label,
-                 "adv_accuracy": float(logs.get("adv_accuracy", np.nan))}
+        extra = {**extra, "budget": self.steps.budget.label}
         if not self.fold.val:
             return score, val, extra
         y = self.labels[np.asarray(self.fold.val)]

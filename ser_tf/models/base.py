@@ -31,11 +31,16 @@ class SERModel(keras.Model):
       labels: class names, index order of the logits.
       segment_s: the fixed input length (seconds) the model was trained on; evaluation
         windows long utterances with it and averages the logits.
+      purifier: optional network mapping normalised features to features of the same
+        shape before the classifier (the GAN defense, :mod:`ser_tf.defenses.purifier`);
+        part of :meth:`classify`, so feature- and waveform-domain attacks, saving and
+        export all see it.
     """
 
     def __init__(self, frontend: LogMelFrontend, normalizer: FeatureNormalization,
                  classifier: keras.Model, specaugment: SpecAugment | None = None,
-                 labels: Sequence[str] = (), segment_s: float = 3.0, **kwargs):
+                 labels: Sequence[str] = (), segment_s: float = 3.0,
+                 purifier: keras.Model | None = None, **kwargs):
         super().__init__(**kwargs)
         self.frontend = frontend
         self.normalizer = normalizer
@@ -43,6 +48,7 @@ class SERModel(keras.Model):
         self.specaugment = specaugment
         self.labels = tuple(labels)
         self.segment_s = float(segment_s)
+        self.purifier = purifier
 
     @property
     def sample_rate(self) -> int:
@@ -60,6 +66,8 @@ class SERModel(keras.Model):
             self.normalizer.build(feature_shape)
         if self.specaugment is not None and not self.specaugment.built:
             self.specaugment.build(feature_shape)
+        if self.purifier is not None and not self.purifier.built:
+            self.purifier.build(feature_shape)
         if not self.classifier.built:
             self.classifier.build(feature_shape)
         super().build(input_shape)
@@ -78,14 +86,40 @@ class SERModel(keras.Model):
                                    mean=inputs.get("norm_mean"), variance=inputs.get("norm_var"))
         return self.normalizer(self.frontend(inputs))
 
-    def classify(self, features: tf.Tensor, training: bool | None = None) -> tf.Tensor:
-        """Logits from normalised features (SpecAugment applies only when training)."""
+    def classify(self, features: tf.Tensor, training: bool | None = None,
+                 bpda: bool = False) -> tf.Tensor:
+        """Logits from normalised features: the purifier if there is one, then SpecAugment
+        (only when training), then the classifier.
+
+        Args:
+          features: normalised features ``[batch, frames, bins, C]``.
+          training: training mode.
+          bpda: differentiate through the purifier as if it were the identity (the
+            straight-through BPDA of Athalye et al. 2018: ``x + stop_gradient(P(x) - x)``);
+            the logits are unchanged. For attacks adapted to the purifier.
+        """
+        if self.purifier is not None:
+            purified = self.purifier(features, training=training)
+            features = (features + tf.stop_gradient(purified - features)) if bpda else purified
         if self.specaugment is not None:
             features = self.specaugment(features, training=training)
         return self.classifier(features, training=training)
 
-    def call(self, inputs, training: bool | None = None) -> tf.Tensor:
-        return self.classify(self.features(inputs, training=training), training=training)
+    def call(self, inputs, training: bool | None = None, bpda: bool = False) -> tf.Tensor:
+        return self.classify(self.features(inputs, training=training), training=training,
+                             bpda=bpda)
+
+    def with_purifier(self, purifier: keras.Model) -> "SERModel":
+        """A new model with the same (shared) layers and ``purifier`` before the classifier.
+
+        Keras does not let a built model gain layers, so adding a purifier to a trained
+        model makes a new one.
+        """
+        model = SERModel(self.frontend, self.normalizer, self.classifier,
+                         specaugment=self.specaugment, labels=self.labels,
+                         segment_s=self.segment_s, purifier=purifier, name=self.name)
+        model.build((None, self.segment_samples))
+        return model
 
     def get_config(self) -> dict:
         ser = keras.saving.serialize_keras_object
@@ -97,6 +131,7 @@ class SERModel(keras.Model):
             "specaugment": ser(self.specaugment) if self.specaugment is not None else None,
             "labels": list(self.labels),
             "segment_s": self.segment_s,
+            "purifier": ser(self.purifier) if self.purifier is not None else None,
         }
 
     @classmethod
@@ -105,6 +140,7 @@ class SERModel(keras.Model):
         de = keras.saving.deserialize_keras_object
         for key in ("frontend", "normalizer", "classifier"):
             config[key] = de(config[key])
-        if config.get("specaugment") is not None:
-            config["specaugment"] = de(config["specaugment"])
+        for key in ("specaugment", "purifier"):
+            if config.get(key) is not None:
+                config[key] = de(config[key])
         return cls(**config)

@@ -247,6 +247,14 @@ class FoldTrainer:
         """Callbacks run before the per-epoch validation and checkpoint."""
         return []
 
+    def prepare(self) -> None:
+        """Work after the normaliser is adapted (or restored) and before the first step
+        (here none; e.g. training a GAN on the normalised features)."""
+
+    def finalize(self) -> None:
+        """Work on the selected model before it is tested and saved (here none; e.g.
+        training a purifier in front of it)."""
+
     def validate(self, epoch: int, logs: dict) -> tuple[float, dict, dict]:
         """Validation after an epoch.
 
@@ -273,8 +281,10 @@ class FoldTrainer:
         score, val, extra = self.validate(epoch, logs)
         self.state["train_seconds"] += time.time() - self._epoch_start
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        # Every training metric of the epoch (loss, accuracy, and e.g. adv_accuracy).
+        train = {k: float(v) for k, v in logs.items() if np.ndim(v) == 0}
         entry = {"epoch": epoch + 1, "loss": float(logs.get("loss", np.nan)),
-                 "accuracy": float(logs.get("accuracy", np.nan)),
+                 "accuracy": float(logs.get("accuracy", np.nan)), **train,
                  "val_uar": val.get("uar"), "val_accuracy": val.get("accuracy"),
                  "score": score, "learning_rate": lr, "fit_seconds": round(fit_seconds, 2),
                  **extra}
@@ -299,8 +309,9 @@ class FoldTrainer:
         self.manager.save(checkpoint_number=epoch + 1)
         write_json(self.state_path, self.state)
         if self.verbose:
-            shown = "".join(f", {k} {v:.3f}" for k, v in extra.items()
-                            if isinstance(v, float))
+            more = {**{k: v for k, v in train.items() if k not in ("loss", "accuracy")},
+                    **extra}
+            shown = "".join(f", {k} {v:.3f}" for k, v in more.items() if isinstance(v, float))
             log.info("%s epoch %d: loss %.4f, train acc %.3f, val UAR %s%s, score %.3f%s",
                      self.fold.name, epoch + 1, entry["loss"], entry["accuracy"],
                      "-" if entry["val_uar"] is None else f"{entry['val_uar']:.3f}", shown,
@@ -380,6 +391,7 @@ def train_fold(corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str]
                          train_seconds=round(selection["train_seconds"]
                                              + trainer.state["train_seconds"], 1))
 
+    trainer.finalize()
     test, logits = trainer.evaluate(fold.test, "testing")
     write_predictions(os.path.join(workdir, "predictions.csv"),
                       [corpus.utterances[i] for i in fold.test], labels[fold.test], logits,
@@ -413,6 +425,7 @@ def _fit(trainer: FoldTrainer) -> FoldTrainer:
     if not trainer.restore():
         trainer.adapt_normalizer()
         trainer.write_examples()
+    trainer.prepare()
     start = trainer.state["epoch"]
     if start < cfg.epochs and not trainer.should_stop():
         callbacks = [
