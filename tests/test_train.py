@@ -95,6 +95,19 @@ def test_loso_writes_fold_workdirs_and_summary(manifest, tmp_path):
     assert set(m["by_group"]["speaker"]) == {"s01", "s02", "s03", "s04"}
 
 
+def test_training_one_fold_of_a_protocol_writes_it_where_the_full_run_would(manifest,
+                                                                            tmp_path):
+    # ser-attack and ser-export look for fold_XX/ of a cross-validation run: a run of
+    # selected folds must put them there too, not into the workdir itself.
+    cfg = dataclasses.replace(_config(manifest, tmp_path, epochs=1), protocol="loso",
+                              only_folds=("fold_s02",))
+    m = run_experiment(cfg)
+    assert sorted(p.name for p in tmp_path.glob("fold_*")) == ["fold_s02"]
+    assert (tmp_path / "fold_s02" / "model.keras").exists()
+    assert not (tmp_path / "model.keras").exists()
+    assert m["fold"] == "fold_s02"
+
+
 def test_bad_audio_is_counted_in_metrics(manifest, tmp_path):
     lines = Path(manifest).read_text().splitlines()
     bad = tmp_path / "broken.wav"

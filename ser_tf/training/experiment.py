@@ -194,6 +194,9 @@ def run_experiment(cfg: ExperimentConfig, fold_trainer: Trainer = train_fold) ->
     labels = np.array([index[u.emotion] for u in utterances], np.int32)
     folds = make_folds(utterances, cfg.protocol, test_speakers=cfg.test_speakers,
                        folds=cfg.folds, val_speakers=cfg.val_speakers)
+    # Fold folders depend on the protocol's fold count, not on how many of them run, so
+    # that training some folds now and others later (and ser-attack, ser-export) agree.
+    n_folds = len(folds)
     if cfg.only_folds:
         unknown = sorted(set(cfg.only_folds) - {f.name for f in folds})
         if unknown:
@@ -203,7 +206,7 @@ def run_experiment(cfg: ExperimentConfig, fold_trainer: Trainer = train_fold) ->
 
     fold_metrics, pooled_idx, pooled_pred = [], [], []
     for k, fold in enumerate(folds):
-        workdir = fold_dir(cfg.workdir, fold.name, len(folds))
+        workdir = fold_dir(cfg.workdir, fold.name, n_folds)
         log.info("fold %d/%d (%s): test speakers %s, validation speakers %s, %d/%d/%d "
                  "utterances", k + 1, len(folds), fold.name, ",".join(fold.test_speakers),
                  ",".join(fold.val_speakers), len(fold.train), len(fold.val), len(fold.test))
