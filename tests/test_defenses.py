@@ -403,3 +403,14 @@ def test_purifier_trainer_puts_a_trained_purifier_into_the_saved_model(manifest,
             for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
                 tags |= {v.tag for v in event.summary.value}
     assert {"reconstruction_l1", "discriminator_loss", "clean_adversarial_purified"} <= tags
+
+
+def test_frechet_distance_matches_the_closed_form():
+    from ser_tf.defenses.gan import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.0, 1.0, (20000, 3))
+    b = rng.normal(1.0, 2.0, (20000, 3))
+    # Isotropic Gaussians: |mu_a - mu_b|^2 + d * (s_a - s_b)^2 = 3 + 3 * 1.
+    assert frechet_distance(a, b) == pytest.approx(6.0, rel=0.03)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)

@@ -73,6 +73,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_float("frame_ms", 25.0, "Analysis window (ms).", flag_values=fv)
     flags.DEFINE_float("hop_ms", 10.0, "Frame hop (ms).", flag_values=fv)
     flags.DEFINE_float("fmin", 20.0, "Lowest mel frequency (Hz).", flag_values=fv)
+    flags.DEFINE_float("log_floor", 1e-6, "Added to the mel power before the log; larger "
+                       "floors flatten quiet frames (less sensitive to low-level "
+                       "adversarial noise).", flag_values=fv)
     flags.DEFINE_bool("per_utterance_norm", False, "Subtract each utterance's own feature mean "
                       "(uses only that utterance: still strict).", flag_values=fv)
     flags.DEFINE_bool("specaugment", True, "SpecAugment masking while training.", flag_values=fv)
@@ -215,6 +218,7 @@ def build_config(fv: flags.FlagValues = FLAGS):
                         segment_s=fv.segment_s, n_mels=fv.n_mels, n_mfcc=fv.n_mfcc,
                         use_deltas=fv.deltas, frame_ms=fv.frame_ms, hop_ms=fv.hop_ms,
                         fmin=fv.fmin, per_utterance_norm=fv.per_utterance_norm,
+                        log_floor=fv.log_floor,
                         specaugment=fv.specaugment,
                         conv_filters=tuple(int(f) for f in fv.conv_filters),
                         chunk_frames=fv.chunk_frames, hop_frames=fv.chunk_hop,

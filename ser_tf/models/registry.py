@@ -29,6 +29,9 @@ class ModelConfig:
       hop_ms: frame hop in milliseconds.
       fmin: lowest mel edge in Hz.
       per_utterance_norm: subtract each utterance's feature mean (see FeatureNormalization).
+      log_floor: added to the mel power before the log. Larger floors make the features
+        of quiet frames (and of tiny perturbations there) flatter: a frontend less
+        sensitive to low-level adversarial noise.
       specaugment: enable SpecAugment during training.
       conv_filters: filters per conv block.
       chunk_frames: CNN-LSTM chunk length in frames.
@@ -54,6 +57,7 @@ class ModelConfig:
     hop_ms: float = 10.0
     fmin: float = 20.0
     per_utterance_norm: bool = False
+    log_floor: float = 1e-6
     specaugment: bool = True
     conv_filters: Sequence[int] = (16, 32, 64)
     chunk_frames: int = 32
@@ -113,7 +117,8 @@ def build_model(config: ModelConfig, labels: Sequence[str], seed: int | None = N
         raise ValueError(f"need at least two classes, got {list(labels)}")
     frontend = LogMelFrontend(config.sample_rate, frame_ms=config.frame_ms, hop_ms=config.hop_ms,
                               n_mels=config.n_mels, fmin=config.fmin, n_mfcc=config.n_mfcc,
-                              use_deltas=config.use_deltas, name="frontend")
+                              use_deltas=config.use_deltas, log_floor=config.log_floor,
+                              name="frontend")
     classifier = MODELS[config.name](config, len(labels), frontend.bins, frontend.channels)
     model = SERModel(frontend, FeatureNormalization(config.per_utterance_norm, name="normalizer"),
                      classifier,
