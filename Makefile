@@ -12,8 +12,11 @@ CORPUS ?= synthetic
 MODEL ?= cnn_lstm
 DATA_DIR ?=
 WORKDIR ?= runs/$(CORPUS)$(if $(filter-out cnn_lstm,$(MODEL)),_$(MODEL),)
-# What `make run` does after training: a quick robustness sweep and an export whose
-# every artifact is checked (the full sweeps are ser-attack's and ser-export's defaults).
+# What `make run` does: train, a quick robustness sweep, the same model trained
+# adversarially (configs/$(CORPUS)_adversarial.flags) and swept again, and an export of the
+# hardened model whose every artifact is checked (the full sweeps are ser-attack's and
+# ser-export's defaults).
+HARDENED ?= $(WORKDIR)_hardened
 RUN_ATTACK_FLAGS ?= --attacks=fgsm,pgd --linf_db=-50,-40,-30 --max_utterances=40
 RUN_EXPORT_FLAGS ?= --variants=float32,int8 --blackbox_clips=8 --latency_utterances=5
 export TF_CPP_MIN_LOG_LEVEL ?= 2
@@ -40,7 +43,10 @@ run: $(STAMP)
 	$(PY) -m trainers.train --flagfile=configs/$(CORPUS)_$(MODEL).flags --workdir=$(WORKDIR) \
 	  $(if $(DATA_DIR),--data_dir=$(DATA_DIR),)
 	$(PY) -m trainers.attack --workdir=$(WORKDIR) $(RUN_ATTACK_FLAGS)
-	$(PY) -m export.export --workdir=$(WORKDIR) $(RUN_EXPORT_FLAGS)
+	$(PY) -m trainers.train --flagfile=configs/$(CORPUS)_adversarial.flags \
+	  --workdir=$(HARDENED) $(if $(DATA_DIR),--data_dir=$(DATA_DIR),)
+	$(PY) -m trainers.attack --workdir=$(HARDENED) $(RUN_ATTACK_FLAGS)
+	$(PY) -m export.export --workdir=$(HARDENED) $(RUN_EXPORT_FLAGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

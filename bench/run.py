@@ -28,10 +28,11 @@ from typing import Callable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-REPORTS = ("pipeline", "training", "attack")
+REPORTS = ("pipeline", "training", "attack", "defenses")
 TITLES = {"pipeline": "Input pipeline: ser_tf tf.data vs a librosa loop",
           "training": "Training throughput: ser_tf tf.data path vs NumPy arrays",
-          "attack": "Attack throughput: ser_tf PGD-10 vs IBM ART and the gradient bound"}
+          "attack": "Attack throughput: ser_tf PGD-10 vs IBM ART and the gradient bound",
+          "defenses": "Defended training cost: each method's epoch time vs standard training"}
 DEFAULT_TITLE = "# Benchmarks\n"
 
 
@@ -214,8 +215,20 @@ def _run_attack(quick: bool, repeats: int | None) -> tuple[dict, str]:
     return reports, "\n\n".join(bodies)
 
 
+def _run_defenses(quick: bool, repeats: int | None) -> tuple[dict, str]:
+    from bench import defenses
+
+    if quick:
+        report = defenses.defenses_report(epochs=2, repeats=repeats or 1, max_files=48,
+                                          steps=2, stage_steps=3)
+    else:
+        report = defenses.defenses_report(repeats=repeats or 2)
+    return report, defenses.to_markdown(report)
+
+
 RUNNERS: dict[str, Callable[[bool, int | None], tuple[dict, str]]] = {
-    "pipeline": _run_pipeline, "training": _run_training, "attack": _run_attack}
+    "pipeline": _run_pipeline, "training": _run_training, "attack": _run_attack,
+    "defenses": _run_defenses}
 
 
 def main(argv: list[str] | None = None) -> int:

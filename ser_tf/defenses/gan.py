@@ -135,7 +135,9 @@ def build_critic(frames: int, bins: int, channels: int, num_classes: int,
     h = maps
     for k, filters in enumerate((width, width * 2, width * 4)):
         h = keras.layers.Conv2D(filters, 4, strides=2, padding="same", name=f"conv{k}")(h)
-        h = keras.layers.LeakyReLU(0.2, name=f"act{k}")(h)
+        # ELU, not LeakyReLU: grappler's remapper fuses conv + bias + LeakyRelu and then
+        # fails (with a logged error) on the gradient-penalty's double backward pass.
+        h = keras.layers.ELU(name=f"act{k}")(h)
     h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
     score = keras.layers.Add(name="score")([
         keras.layers.Dense(1, name="linear")(h),

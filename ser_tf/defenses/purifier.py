@@ -100,7 +100,7 @@ def build_purifier(bins: int, channels: int, width: int = 32) -> keras.Model:
     for k, rate in enumerate((1, 2, 4, 1)):
         h = keras.layers.Conv2D(width, 3, padding="same", dilation_rate=rate,
                                 name=f"purifier_conv{k}")(h)
-        h = keras.layers.LeakyReLU(0.2, name=f"purifier_act{k}")(h)
+        h = keras.layers.ELU(name=f"purifier_act{k}")(h)  # see build_discriminator
     correction = keras.layers.Conv2D(channels, 3, padding="same", name="purifier_out",
                                      kernel_initializer="zeros")(h)
     out = keras.layers.Add(name="purified")([features, correction])
@@ -113,7 +113,9 @@ def build_discriminator(bins: int, channels: int, width: int = 32) -> keras.Mode
     h = features
     for k, filters in enumerate((width, width * 2, width * 4)):
         h = keras.layers.Conv2D(filters, 4, strides=2, padding="same", name=f"conv{k}")(h)
-        h = keras.layers.LeakyReLU(0.2, name=f"act{k}")(h)
+        # ELU, not LeakyReLU: grappler's remapper fuses conv + bias + LeakyRelu and then
+        # fails (with a logged error) on the two discriminator passes of one tape.
+        h = keras.layers.ELU(name=f"act{k}")(h)
     score = keras.layers.Conv2D(1, 3, padding="same", name="score")(h)
     return keras.Model(features, score, name="discriminator")
 
