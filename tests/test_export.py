@@ -74,6 +74,7 @@ def test_ser_export_writes_checked_artifacts_and_a_model_card(exported, syntheti
     assert rows["keras"]["uar"] == pytest.approx(metrics["uar"], abs=1e-6)
     card = (out / "MODEL_CARD.md").read_text()
     assert "SYNTHETIC" in card and "| int8 |" in card
+    assert "- Training: standard (no defense)." in card
 
 
 def test_ser_export_rejects_bad_requests(exported, tmp_path):

@@ -294,6 +294,26 @@ def format_report(report: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
+def _training_line(metrics: dict) -> str:
+    """How the model was trained (and defended), from its fold's ``metrics.json``."""
+    adv, gan, purifier = (metrics.get(k) for k in ("adversarial_training", "gan", "purifier"))
+    if adv:
+        budget = adv["budget"]
+        share = ("every example, TRADES beta " f"{adv['trades_beta']:g}"
+                 if adv["method"] == "trades" else f"{adv['ratio']:.0%} of each batch")
+        return (f"adversarial ({adv['method']}, {adv['steps'] if adv['method'] != 'fast' else 1}"
+                f" step(s), {budget['kind']} {budget['value']:g} in the {adv['domain']} "
+                f"domain, {share})")
+    if gan:
+        return (f"GAN-augmented ({gan['config']['ratio']:g} generated feature maps per real "
+                f"crop{', with adversarial examples' if gan['config'].get('adversarial') else ''}"
+                ")")
+    if purifier:
+        return ("standard, then a GAN purifier in front of the classifier (part of every "
+                "artifact below)")
+    return "standard (no defense)"
+
+
 def model_card(spec: ServingSpec, report: dict, context: dict) -> str:
     """A short model card (Markdown): what the model is, how it was tested, what it needs."""
     m = context.get("metrics", {})
@@ -324,6 +344,7 @@ def model_card(spec: ServingSpec, report: dict, context: dict) -> str:
              ]
     if context.get("synthetic"):
         lines.append("- SYNTHETIC corpus: these numbers say nothing about real speech.")
+    lines.append(f"- Training: {_training_line(m)}.")
     if robustness:
         lines += ["", f"## Robustness (ser-attack on the Keras model, {robustness['clean']['n']}"
                   f" clips, clean accuracy {robustness['clean']['accuracy']:.3f})", "",
