@@ -11,42 +11,40 @@ from __future__ import annotations
 
 import functools
 
-from ser_tf.defenses.adversarial import AdversarialConfig, train_adversarial_fold
-from ser_tf.defenses.gan import GANConfig, train_gan_fold
-from ser_tf.defenses.purifier import PurifierConfig, train_purifier_fold
+from ser_tf.defenses.adversarial import AdversarialConfig, AdversarialTrainer
+from ser_tf.defenses.gan import GANConfig, GANTrainer
+from ser_tf.defenses.purifier import PurifierConfig, PurifierTrainer
 from ser_tf.training.experiment import ExperimentConfig, Trainer
 from ser_tf.training.standard import train_fold
 
-TRAINERS = ("standard", "adversarial", "gan", "purifier")
+#: trainer name -> (its method configuration type, its FoldTrainer, the keyword it takes).
+METHODS = {
+    "adversarial": (AdversarialConfig, AdversarialTrainer, "adversarial"),
+    "gan": (GANConfig, GANTrainer, "gan"),
+    "purifier": (PurifierConfig, PurifierTrainer, "purifier"),
+}
+TRAINERS = ("standard", *METHODS)
 
 
 def fold_trainer(cfg: ExperimentConfig) -> Trainer:
-    """The fold trainer of ``cfg.trainer``, configured with ``cfg.method``.
+    """The fold trainer of ``cfg.trainer``, configured with ``cfg.method`` (its defaults when
+    None): :func:`ser_tf.training.standard.train_fold` with the method's FoldTrainer.
 
     Raises:
       ValueError: an unknown trainer, or a method configuration of the wrong type.
     """
     if cfg.trainer == "standard":
         return train_fold
-    if cfg.trainer == "adversarial":
-        method = cfg.method if cfg.method is not None else AdversarialConfig()
-        if not isinstance(method, AdversarialConfig):
-            raise ValueError(f"--trainer=adversarial needs an AdversarialConfig, got "
-                             f"{type(method).__name__}")
-        return functools.partial(train_adversarial_fold, adversarial=method)
-    if cfg.trainer == "gan":
-        method = cfg.method if cfg.method is not None else GANConfig()
-        if not isinstance(method, GANConfig):
-            raise ValueError(f"--trainer=gan needs a GANConfig, got {type(method).__name__}")
-        return functools.partial(train_gan_fold, gan=method)
-    if cfg.trainer == "purifier":
-        method = cfg.method if cfg.method is not None else PurifierConfig()
-        if not isinstance(method, PurifierConfig):
-            raise ValueError(f"--trainer=purifier needs a PurifierConfig, got "
-                             f"{type(method).__name__}")
-        return functools.partial(train_purifier_fold, purifier=method)
-    raise ValueError(f"unknown trainer {cfg.trainer!r}; available: {list(TRAINERS)}")
+    if cfg.trainer not in METHODS:
+        raise ValueError(f"unknown trainer {cfg.trainer!r}; available: {list(TRAINERS)}")
+    config_type, trainer_type, keyword = METHODS[cfg.trainer]
+    method = cfg.method if cfg.method is not None else config_type()
+    if not isinstance(method, config_type):
+        raise ValueError(f"--trainer={cfg.trainer} takes a {config_type.__name__}, got "
+                         f"{type(method).__name__}")
+    return functools.partial(train_fold, trainer_factory=functools.partial(
+        trainer_type, **{keyword: method}))
 
 
-__all__ = ["AdversarialConfig", "GANConfig", "PurifierConfig", "TRAINERS", "fold_trainer",
-           "train_adversarial_fold", "train_gan_fold", "train_purifier_fold"]
+__all__ = ["AdversarialConfig", "GANConfig", "METHODS", "PurifierConfig", "TRAINERS",
+           "fold_trainer"]

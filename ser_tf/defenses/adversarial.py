@@ -46,7 +46,7 @@ from ser_tf.attacks import whitebox
 from ser_tf.attacks.budget import Budget
 from ser_tf.data.pipeline import central_clips
 from ser_tf.evaluation.metrics import classification_metrics
-from ser_tf.training.standard import FoldTrainer, train_fold
+from ser_tf.training.standard import FoldTrainer
 
 log = logging.getLogger(__name__)
 
@@ -260,9 +260,10 @@ class AdversarialTrainer(FoldTrainer):
         self.adversarial = adversarial
         self._val_clips: tuple[np.ndarray, np.ndarray] | None = None
 
+    method_name = "adversarial training"
+    supports_speaker_norm = False
+
     def build(self) -> None:
-        if self.cfg.speaker_norm:
-            raise ValueError("adversarial training does not support --speaker_norm")
         super().build()
         self.steps = AdversarialSteps(self.model, self.adversarial)
         self.steps.compile(optimizer=self.model.optimizer, jit_compile=False)
@@ -337,17 +338,3 @@ class AdversarialTrainer(FoldTrainer):
                                           f"{self.adversarial.budget.label}, central clips")
             tf.summary.scalar("epoch_robust_accuracy", robust["accuracy"])
         return score, val, extra
-
-
-def train_adversarial_fold(*args, adversarial: AdversarialConfig = AdversarialConfig(),
-                           **kwargs) -> dict:
-    """:func:`ser_tf.training.standard.train_fold` with adversarial training steps.
-
-    Takes the standard trainer's arguments plus ``adversarial``; writes the same outputs,
-    its epoch history adding the robust validation figures.
-    """
-
-    def factory(*a, **k):
-        return AdversarialTrainer(*a, adversarial=adversarial, **k)
-
-    return train_fold(*args, trainer_factory=factory, **kwargs)

@@ -43,7 +43,7 @@ from ser_tf.attacks.budget import Budget
 from ser_tf.data.pipeline import central_clips, training_dataset
 from ser_tf.defenses.adversarial import AdversarialConfig, BudgetSchedule, craft_examples
 from ser_tf.evaluation.report import png_to_tensor, spectrograms_png
-from ser_tf.training.standard import FoldTrainer, train_fold
+from ser_tf.training.standard import FoldTrainer
 from ser_tf.workdir import write_json
 
 log = logging.getLogger(__name__)
@@ -420,10 +420,8 @@ class GANTrainer(FoldTrainer):
         self.gan_cfg = gan
         self.quality: dict = {}
 
-    def build(self) -> None:
-        if self.cfg.speaker_norm:
-            raise ValueError("GAN-augmented training does not support --speaker_norm")
-        super().build()
+    method_name = "GAN-augmented training"
+    supports_speaker_norm = False
 
     def feature_shape(self) -> tuple[int, int, int]:
         shape = self.model.frontend.compute_output_shape((None, self.segment))
@@ -491,12 +489,3 @@ class GANTrainer(FoldTrainer):
         gan["gan_adversarial"] = (self.gan_cfg.adversarial.method
                                   if self.gan_cfg.adversarial else "none")
         return {**super().hparams(), **gan}
-
-
-def train_gan_fold(*args, gan: GANConfig = GANConfig(), **kwargs) -> dict:
-    """:func:`ser_tf.training.standard.train_fold` with GAN-augmented training steps."""
-
-    def factory(*a, **k):
-        return GANTrainer(*a, gan=gan, **k)
-
-    return train_fold(*args, trainer_factory=factory, **kwargs)

@@ -42,7 +42,7 @@ from ser_tf.attacks import whitebox
 from ser_tf.attacks.budget import Budget
 from ser_tf.data.pipeline import training_dataset
 from ser_tf.evaluation.report import png_to_tensor, spectrograms_png
-from ser_tf.training.standard import FoldTrainer, train_fold
+from ser_tf.training.standard import FoldTrainer
 
 log = logging.getLogger(__name__)
 
@@ -247,10 +247,8 @@ class PurifierTrainer(FoldTrainer):
         self.purifier_cfg = purifier
         self.purifier_report: dict = {}
 
-    def build(self) -> None:
-        if self.cfg.speaker_norm:
-            raise ValueError("the purifier defense does not support --speaker_norm")
-        super().build()
+    method_name = "the purifier defense"
+    supports_speaker_norm = False
 
     def finalize(self) -> None:
         """Trains the purifier for the selected classifier and puts it into the model."""
@@ -288,12 +286,3 @@ class PurifierTrainer(FoldTrainer):
                if k != "budgets"}
         cfg["purifier_budgets"] = ",".join(b.label for b in self.purifier_cfg.budgets)
         return {**super().hparams(), **cfg}
-
-
-def train_purifier_fold(*args, purifier: PurifierConfig = PurifierConfig(), **kwargs) -> dict:
-    """:func:`ser_tf.training.standard.train_fold`, then a purifier for the selected model."""
-
-    def factory(*a, **k):
-        return PurifierTrainer(*a, purifier=purifier, **k)
-
-    return train_fold(*args, trainer_factory=factory, **kwargs)

@@ -134,6 +134,11 @@ class FoldTrainer:
     and :meth:`hparams` (what TensorBoard's hparams dashboard shows).
     """
 
+    #: The training method's name in messages, and whether it takes per-speaker
+    #: normalisation (whose inputs are dicts, not waveforms).
+    method_name = "standard training"
+    supports_speaker_norm = True
+
     def __init__(self, corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str],
                  fold: Fold, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str,
                  verbose: int):
@@ -154,6 +159,8 @@ class FoldTrainer:
 
     # -- setup -------------------------------------------------------------------------------
     def build(self) -> None:
+        if self.cfg.speaker_norm and not self.supports_speaker_norm:
+            raise ValueError(f"{self.method_name} does not support --speaker_norm")
         keras.utils.set_random_seed(self.cfg.seed)
         self.model: SERModel = build_model(self.model_cfg, self.classes, seed=self.cfg.seed)
         self.forward = tf.function(lambda x: self.model(x, training=False),
