@@ -177,3 +177,18 @@ def test_speaker_norm_standardises_each_speaker_and_is_labelled(manifest, tmp_pa
         _config(manifest, tmp_path, epochs=1),
         train=TrainConfig(epochs=1, batch_size=8, speaker_norm=True)))
     assert m["speaker_normalization"].startswith("PER-SPEAKER")
+
+
+@pytest.mark.parametrize("flagfile", sorted(p.name for p in (ROOT / "configs").glob("*.flags")))
+def test_every_flagfile_builds_a_valid_experiment(flagfile, monkeypatch, tmp_path):
+    from absl import flags
+
+    from trainers import train
+
+    monkeypatch.chdir(ROOT)  # flagfiles include each other by repository-relative paths
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    fv(["ser-train", f"--flagfile=configs/{flagfile}", f"--workdir={tmp_path}"])
+    cfg = train.build_config(fv)
+    assert cfg.trainer == fv.trainer
+    assert (cfg.method is None) == (cfg.trainer == "standard")
