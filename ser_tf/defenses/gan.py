@@ -145,7 +145,71 @@ def build_critic(frames: int, bins: int, channels: int, num_classes: int,
     return keras.Model([maps, label], score, name="critic")
 
 
-class ConditionalWGAN:
+class AdversarialPair:
+    """Two networks trained against each other step by step (a GAN's generator and critic,
+    the purifier and its discriminator): a step counter and optimizers checkpointed
+    together (resumable), losses to TensorBoard, images at every checkpoint.
+
+    Subclasses build their networks and optimizers, call :meth:`_checkpoint`, and
+    implement :meth:`train_step` and :meth:`write_images`.
+    """
+
+    steps_total: int
+    checkpoint_every: int
+    desc = "GAN"
+    postfix = ""
+
+    def _checkpoint(self, workdir: str | None, **objects) -> None:
+        """Creates the step counter and the checkpoint of ``objects``; restores it if one
+        exists under ``workdir/ckpt``."""
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.manager = None
+        if workdir is not None:
+            ckpt = tf.train.Checkpoint(step=self.step, **objects)
+            self.manager = tf.train.CheckpointManager(ckpt, os.path.join(workdir, "ckpt"),
+                                                      max_to_keep=1)
+            if self.manager.latest_checkpoint:
+                ckpt.read(self.manager.latest_checkpoint).assert_existing_objects_matched()
+
+    def train_step(self, step: int, batches) -> tuple[dict, tuple]:
+        """One step (number ``step``) on batches drawn from the iterator ``batches``;
+        returns its losses and what :meth:`write_images` needs."""
+        raise NotImplementedError
+
+    def write_images(self, writer, step: int, *inputs) -> None:
+        """TensorBoard images at a checkpoint."""
+        raise NotImplementedError
+
+    def fit(self, data: tf.data.Dataset, *, writer=None, progress: bool = True) -> None:
+        """Trains up to ``steps_total`` steps on the endless dataset ``data``, resuming from
+        the checkpoint; losses every 25 steps, checkpoint and images every
+        ``checkpoint_every`` and at the end."""
+        start = int(self.step.numpy())
+        if start >= self.steps_total:
+            return
+        batches = iter(data)
+        bar = tqdm(total=self.steps_total, initial=start, desc=self.desc, unit="step",
+                   disable=not progress)
+        for step in range(start, self.steps_total):
+            stats, inputs = self.train_step(step, batches)
+            self.step.assign(step + 1)
+            bar.update(1)
+            last = step + 1 == self.steps_total
+            if writer is not None and (step % 25 == 0 or last):
+                with writer.as_default(step=step + 1):
+                    for name, value in stats.items():
+                        tf.summary.scalar(name, value)
+            if (step + 1) % self.checkpoint_every == 0 or last:
+                if self.manager is not None:
+                    self.manager.save(checkpoint_number=step + 1)
+                if writer is not None:
+                    self.write_images(writer, step + 1, *inputs)
+                if self.postfix:
+                    bar.set_postfix({self.postfix: f"{float(stats[self.postfix]):.3f}"})
+        bar.close()
+
+
+class ConditionalWGAN(AdversarialPair):
     """A class-conditional WGAN-GP over feature maps, trained step by step, checkpointed.
 
     Args:
@@ -168,15 +232,9 @@ class ConditionalWGAN:
         self.d_opt = keras.optimizers.Adam(config.learning_rate, beta_1=0.5, beta_2=0.9)
         self.g_opt.build(self.generator.trainable_variables)
         self.d_opt.build(self.critic.trainable_variables)
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.manager = None
-        if workdir is not None:
-            ckpt = tf.train.Checkpoint(generator=self.generator, critic=self.critic,
-                                       g_opt=self.g_opt, d_opt=self.d_opt, step=self.step)
-            self.manager = tf.train.CheckpointManager(ckpt, os.path.join(workdir, "ckpt"),
-                                                      max_to_keep=1)
-            if self.manager.latest_checkpoint:
-                ckpt.read(self.manager.latest_checkpoint).assert_existing_objects_matched()
+        self.steps_total, self.checkpoint_every = config.steps, config.checkpoint_every
+        self._checkpoint(workdir, generator=self.generator, critic=self.critic,
+                         g_opt=self.g_opt, d_opt=self.d_opt)
         self._critic_step = tf.function(self._critic_update)
         self._generator_step = tf.function(self._generator_update)
 
@@ -212,6 +270,17 @@ class ConditionalWGAN:
         self.g_opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return loss
 
+    desc, postfix = "GAN", "wasserstein"
+
+    def train_step(self, step: int, batches) -> tuple[dict, tuple]:
+        """``critic_steps`` critic updates on real batches, then one generator update."""
+        for _ in range(self.config.critic_steps):
+            real, labels = next(batches)
+            labels = tf.cast(labels, tf.int32)
+            stats = self._critic_step(real, labels)
+        stats["generator_loss"] = self._generator_step(labels)
+        return stats, ()
+
     def fit(self, data: tf.data.Dataset, *, writer=None, classes: Sequence[str] = (),
             progress: bool = True) -> None:
         """Trains up to ``config.steps`` generator steps (resuming from the checkpoint).
@@ -222,35 +291,12 @@ class ConditionalWGAN:
           classes: class names (for the image titles).
           progress: show a progress bar.
         """
-        cfg = self.config
-        start = int(self.step.numpy())
-        if start >= cfg.steps:
-            return
-        batches = iter(data)
-        bar = tqdm(total=cfg.steps, initial=start, desc="GAN", unit="step", disable=not progress)
-        for step in range(start, cfg.steps):
-            for _ in range(cfg.critic_steps):
-                real, labels = next(batches)
-                labels = tf.cast(labels, tf.int32)
-                stats = self._critic_step(real, labels)
-            stats["generator_loss"] = self._generator_step(labels)
-            self.step.assign(step + 1)
-            bar.update(1)
-            last = step + 1 == cfg.steps
-            if writer is not None and (step % 25 == 0 or last):
-                with writer.as_default(step=step + 1):
-                    for name, value in stats.items():
-                        tf.summary.scalar(name, value)
-            if (step + 1) % cfg.checkpoint_every == 0 or last:
-                if self.manager is not None:
-                    self.manager.save(checkpoint_number=step + 1)
-                if writer is not None:
-                    self.write_images(writer, step + 1, classes)
-                bar.set_postfix(wasserstein=f"{float(stats['wasserstein']):.3f}")
-        bar.close()
+        self._classes = tuple(classes)
+        super().fit(data, writer=writer, progress=progress)
 
-    def write_images(self, writer, step: int, classes: Sequence[str], per_class: int = 2) -> None:
+    def write_images(self, writer, step: int, per_class: int = 2) -> None:
         """Generated spectrograms, ``per_class`` for every emotion, to TensorBoard."""
+        classes = getattr(self, "_classes", ())
         labels = np.repeat(np.arange(self.num_classes), per_class)
         maps = self.sample(labels).numpy()[..., 0]
         titles = [classes[k] if classes else str(k) for k in labels]

@@ -36,11 +36,11 @@ from typing import Sequence
 import keras
 import numpy as np
 import tensorflow as tf
-from tqdm.auto import tqdm
 
 from ser_tf.attacks import whitebox
 from ser_tf.attacks.budget import Budget
 from ser_tf.data.pipeline import training_dataset
+from ser_tf.defenses.gan import AdversarialPair
 from ser_tf.evaluation.report import png_to_tensor, spectrograms_png
 from ser_tf.training.standard import FoldTrainer
 
@@ -120,7 +120,7 @@ def build_discriminator(bins: int, channels: int, width: int = 32) -> keras.Mode
     return keras.Model(features, score, name="discriminator")
 
 
-class PurifierGAN:
+class PurifierGAN(AdversarialPair):
     """Trains a purifier for a frozen SERModel (see the module docstring).
 
     Args:
@@ -144,15 +144,9 @@ class PurifierGAN:
         self.d_opt = keras.optimizers.Adam(config.learning_rate, beta_1=0.5)
         self.p_opt.build(self.purifier.trainable_variables)
         self.d_opt.build(self.discriminator.trainable_variables)
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.manager = None
-        if workdir is not None:
-            ckpt = tf.train.Checkpoint(purifier=self.purifier, discriminator=self.discriminator,
-                                       p_opt=self.p_opt, d_opt=self.d_opt, step=self.step)
-            self.manager = tf.train.CheckpointManager(ckpt, os.path.join(workdir, "ckpt"),
-                                                      max_to_keep=1)
-            if self.manager.latest_checkpoint:
-                ckpt.read(self.manager.latest_checkpoint).assert_existing_objects_matched()
+        self.steps_total, self.checkpoint_every = config.steps, config.checkpoint_every
+        self._checkpoint(workdir, purifier=self.purifier, discriminator=self.discriminator,
+                         p_opt=self.p_opt, d_opt=self.d_opt)
         # One compiled step per budget (the budget is part of the traced attack).
         self._steps = {b: tf.function(self._make_step(b)) for b in config.budgets}
 
@@ -195,34 +189,13 @@ class PurifierGAN:
 
         return step
 
-    def fit(self, data: tf.data.Dataset, *, writer=None, progress: bool = True) -> None:
-        """Trains up to ``config.steps`` steps on ``(waveforms, labels)`` batches (endless),
-        resuming from the checkpoint."""
-        cfg = self.config
-        start = int(self.step.numpy())
-        if start >= cfg.steps:
-            return
-        batches = iter(data)
-        bar = tqdm(total=cfg.steps, initial=start, desc="purifier", unit="step",
-                   disable=not progress)
-        for step in range(start, cfg.steps):
-            x, y = next(batches)
-            budget = cfg.budgets[step % len(cfg.budgets)]
-            stats = self._steps[budget](x, tf.cast(y, tf.int32))
-            self.step.assign(step + 1)
-            bar.update(1)
-            last = step + 1 == cfg.steps
-            if writer is not None and (step % 25 == 0 or last):
-                with writer.as_default(step=step + 1):
-                    for name, value in stats.items():
-                        tf.summary.scalar(name, value)
-            if (step + 1) % cfg.checkpoint_every == 0 or last:
-                if self.manager is not None:
-                    self.manager.save(checkpoint_number=step + 1)
-                if writer is not None:
-                    self.write_images(writer, step + 1, x[:2], y[:2])
-                bar.set_postfix(l1=f"{float(stats['reconstruction_l1']):.3f}")
-        bar.close()
+    desc, postfix = "purifier", "reconstruction_l1"
+
+    def train_step(self, step: int, batches) -> tuple[dict, tuple]:
+        """One step on a ``(waveforms, labels)`` batch, at the step's budget."""
+        x, y = next(batches)
+        budget = self.config.budgets[step % len(self.config.budgets)]
+        return self._steps[budget](x, tf.cast(y, tf.int32)), (x[:2], y[:2])
 
     def write_images(self, writer, step: int, x: tf.Tensor, y: tf.Tensor) -> None:
         """Clean, adversarial (PGD at the largest budget) and purified features."""
