@@ -154,6 +154,13 @@ def craft_examples(model, x: tf.Tensor, y: tf.Tensor, config: AdversarialConfig,
     return tf.stop_gradient(adv)
 
 
+def compiled_crafter(model, config: AdversarialConfig, budget: Budget):
+    """:func:`craft_examples` at ``budget`` as its own tf.function: AutoGraph then turns the
+    attack's loop into a graph loop inside Keras' train function (which it does not
+    convert); it is inlined when the train step is traced. Make a new one per budget."""
+    return tf.function(lambda x, y: craft_examples(model, x, y, config, budget))
+
+
 class BudgetSchedule(keras.callbacks.Callback):
     """Sets the training steps' budget at the start of every epoch (the warm-up)."""
 
@@ -179,7 +186,7 @@ class AdversarialSteps(keras.Model):
         self.ser = model
         self.config = config
         self.budget = config.budget_at(0)
-        self._craft = self._compiled_craft()
+        self._craft = compiled_crafter(self.ser, self.config, self.budget)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.clean_accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.adv_accuracy = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
@@ -195,14 +202,8 @@ class AdversarialSteps(keras.Model):
         """Changes the training budget (the step function is traced again for it)."""
         if budget != self.budget:
             self.budget = budget
-            self._craft = self._compiled_craft()
+            self._craft = compiled_crafter(self.ser, self.config, self.budget)
             self.make_train_function(force=True)
-
-    def _compiled_craft(self):
-        # Its own tf.function, so that AutoGraph turns the attack's loop into a graph loop
-        # inside Keras' train function (which it does not convert); inlined when traced.
-        budget = self.budget
-        return tf.function(lambda x, y: craft_examples(self.ser, x, y, self.config, budget))
 
     def _inputs(self, x: tf.Tensor) -> tf.Tensor:
         """What the attack perturbs: the waveform, or its normalised features."""

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ser_tf.attacks.budget import Budget
 from ser_tf.data.pipeline import central_clips, training_dataset
-from ser_tf.defenses.adversarial import AdversarialConfig, BudgetSchedule, craft_examples
+from ser_tf.defenses.adversarial import AdversarialConfig, BudgetSchedule, compiled_crafter
 from ser_tf.evaluation.report import png_to_tensor, spectrograms_png
 from ser_tf.training.standard import FoldTrainer
 from ser_tf.workdir import write_json
@@ -418,9 +418,7 @@ class GANAugmentedSteps(keras.Model):
         """Changes the adversarial budget (the step function is traced again for it)."""
         if budget != self.budget:
             self.budget = budget
-            cfg = self.adversarial
-            # Its own tf.function, as in AdversarialSteps: AutoGraph converts the attack loop.
-            self._craft = tf.function(lambda x, y: craft_examples(self.ser, x, y, cfg, budget))
+            self._craft = compiled_crafter(self.ser, self.adversarial, budget)
             if self.compiled:
                 self.make_train_function(force=True)
 
