@@ -133,6 +133,14 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                       "labelled as such in metrics.json).", flag_values=fv)
     flags.DEFINE_bool("deterministic", True, "TF op determinism (same seed, same numbers).",
                       flag_values=fv)
+    # -- distribution ----------------------------------------------------------------------
+    flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multiworker"],
+                      "tf.distribute strategy: default (one device); mirrored (this machine's "
+                      "GPUs, else its --cpu_devices); multiworker (the workers in TF_CONFIG). "
+                      "--batch_size is the global batch.", flag_values=fv)
+    flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many logical devices "
+                         "(0: as TensorFlow finds it), e.g. to run --strategy=mirrored on a "
+                         "machine without GPUs.", flag_values=fv)
     # -- adversarial training (--trainer=adversarial) ---------------------------------------
     flags.DEFINE_enum("adv_method", "pgd", ["pgd", "fast", "trades"], "pgd: Madry PGD-k; fast: "
                       "FGSM with a random start (Wong et al.); trades: TRADES.", flag_values=fv)
@@ -236,7 +244,7 @@ def build_config(fv: flags.FlagValues = FLAGS):
                         class_weighting=fv.class_weighting, seed=fv.seed,
                         eval_hop_s=fv.eval_hop_s, pad_mode=fv.pad_mode, augment=augment,
                         deterministic=fv.deterministic, speaker_norm=fv.speaker_norm,
-                        refit=fv.refit)
+                        refit=fv.refit, strategy=fv.strategy)
     method = _method_config(fv)
     return ExperimentConfig(
         workdir=fv.workdir, corpus=fv.corpus, data_dir=fv.data_dir,
@@ -288,7 +296,13 @@ def main(argv):
         cfg = build_config()
     except ValueError as err:
         raise app.UsageError(str(err))
-    common.write_flags(cfg.workdir)
+    common.setup_strategy(FLAGS)  # before any TF op
+    from ser_tf.training import distribute
+
+    if distribute.is_chief():
+        common.write_flags(cfg.workdir)
+    import tensorflow as tf
+
     from ser_tf.data.pipeline import BadAudioError
     from ser_tf.defenses import fold_trainer
     from ser_tf.evaluation.report import format_metrics
@@ -299,6 +313,15 @@ def main(argv):
     except (BadAudioError, ValueError, FileNotFoundError) as err:
         logging.error("%s", err)
         return 1
+    except tf.errors.UnavailableError as err:
+        # Multi-worker training: a peer died (its collectives were aborted).
+        logging.error("a worker of the cluster was lost (%s); restart every worker with the "
+                      "same command: training resumes from the chief's last finished epoch",
+                      str(err).splitlines()[0][:300])
+        return 1
+    if not distribute.is_chief():
+        print(f"worker {distribute.task_id()}: done; the chief wrote the results")
+        return 0
     label = " [SYNTHETIC corpus]" if metrics.get("synthetic") else ""
     if cfg.train.speaker_norm:
         label += " [PER-SPEAKER normalisation: not strict]"

@@ -79,19 +79,12 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                       "(WORKDIR/baseline), beside the trials in tune.json.", flag_values=fv)
 
 
-def _flag_lines(fv: flags.FlagValues, anchor: str) -> list[str]:
-    """Every flag of the module that defines ``anchor``, as flagfile lines."""
-    module = fv.find_module_defining_flag(anchor)
-    return [line for line in (fl.serialize() for fl in sorted(
-        fv.get_flags_for_module(module), key=lambda fl: fl.name)) if line]
-
-
 def base_lines(fv: flags.FlagValues) -> list[str]:
     """The base configuration: every ser-train flag but --workdir and --verbose. A synthetic
     corpus is generated once, in WORKDIR/data, for every trial."""
     from ser_tf.training.tuning import override_lines
 
-    lines = [line for line in _flag_lines(fv, "workdir")
+    lines = [line for line in common.flag_lines(fv, "workdir")
              if not line.startswith(("--workdir=", "--verbose="))]
     if fv.corpus == "synthetic" and not fv.data_dir:
         lines = override_lines(lines, {"data_dir": os.path.join(
@@ -102,15 +95,7 @@ def base_lines(fv: flags.FlagValues) -> list[str]:
 def configure(verbose: int):
     """ser-train's configuration from flag lines and a workdir (its trials log at
     ``verbose``)."""
-    def experiment(lines, workdir):
-        fv = flags.FlagValues()
-        train.define_flags(fv)
-        try:
-            fv(["ser-train", *lines, f"--workdir={workdir}", f"--verbose={verbose}"])
-            return train.build_config(fv)
-        except (flags.Error, app.UsageError) as err:
-            raise ValueError(str(err)) from None
-    return experiment
+    return lambda lines, workdir: common.experiment_config(lines, workdir, verbose)
 
 
 def prepare(fv: flags.FlagValues = FLAGS):
@@ -144,7 +129,7 @@ def write_flags(fv: flags.FlagValues) -> str:
     --verbose is left out, so the trials of a rerun stay quiet unless it is given)."""
     path = os.path.join(fv.workdir, "flags.txt")
     os.makedirs(fv.workdir, exist_ok=True)
-    lines = [line for line in _flag_lines(fv, "workdir") + _flag_lines(fv, "tuner")
+    lines = [line for line in common.flag_lines(fv, "workdir") + common.flag_lines(fv, "tuner")
              if not line.startswith("--verbose=")]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -155,6 +140,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.setup_logging()
+    common.setup_strategy(FLAGS)  # before any TF op
     import tensorflow as tf
 
     # Every trial builds its own model and attack: TF's retracing warnings about that are

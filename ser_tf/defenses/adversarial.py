@@ -46,7 +46,8 @@ from ser_tf.attacks import whitebox
 from ser_tf.attacks.budget import Budget
 from ser_tf.data.pipeline import central_clips
 from ser_tf.evaluation.metrics import classification_metrics
-from ser_tf.training.standard import FoldTrainer
+from ser_tf.training import distribute
+from ser_tf.training.standard import FoldTrainer, TrainingSteps
 
 log = logging.getLogger(__name__)
 
@@ -172,38 +173,30 @@ class BudgetSchedule(keras.callbacks.Callback):
         self.steps.set_budget(self.config.budget_at(epoch))
 
 
-class AdversarialSteps(keras.Model):
-    """The training steps of adversarial training, around a :class:`~ser_tf.models.SERModel`.
+class AdversarialSteps(TrainingSteps):
+    """The training steps of adversarial training (see :class:`TrainingSteps`).
 
-    ``fit`` on this model trains the wrapped model's weights with its own optimizer; the
-    wrapper holds no weights of its own and is never saved. Reported per epoch: ``loss``,
-    ``accuracy`` (the clean examples of the batches; for TRADES every clean example) and
-    ``adv_accuracy`` (the adversarial ones).
+    Reported per epoch: ``loss``, ``accuracy`` (the clean examples of the batches; for
+    TRADES every clean example) and ``adv_accuracy`` (the adversarial ones).
     """
 
     def __init__(self, model, config: AdversarialConfig, **kwargs):
-        super().__init__(name="adversarial_steps", **kwargs)
-        self.ser = model
+        super().__init__(model, name="adversarial_steps", **kwargs)
         self.config = config
         self.budget = config.budget_at(0)
         self._craft = compiled_crafter(self.ser, self.config, self.budget)
-        self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.clean_accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.adv_accuracy = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
 
     @property
     def metrics(self):
-        return [self.loss_tracker, self.clean_accuracy, self.adv_accuracy]
-
-    def call(self, inputs, training=False):
-        return self.ser(inputs, training=training)
+        return [*super().metrics, self.adv_accuracy]
 
     def set_budget(self, budget: Budget) -> None:
         """Changes the training budget (the step function is traced again for it)."""
         if budget != self.budget:
             self.budget = budget
             self._craft = compiled_crafter(self.ser, self.config, self.budget)
-            self.make_train_function(force=True)
+            self.retrace()
 
     def _inputs(self, x: tf.Tensor) -> tf.Tensor:
         """What the attack perturbs: the waveform, or its normalised features."""
@@ -234,6 +227,7 @@ class AdversarialSteps(keras.Model):
                 log_p = tf.nn.log_softmax(logits_clean)
                 kl = tf.reduce_sum(tf.exp(log_p) * (log_p - tf.nn.log_softmax(logits_adv)), -1)
                 loss = tf.reduce_sum(w * (xent + cfg.trades_beta * kl)) / batch
+                scaled = distribute.scale_loss(loss)
             self.clean_accuracy.update_state(y, logits_clean)
             self.adv_accuracy.update_state(y, logits_adv)
         else:
@@ -244,10 +238,11 @@ class AdversarialSteps(keras.Model):
                 logits = self._logits(tf.concat([adv, clean], 0))
                 xent = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
                 loss = tf.reduce_sum(w * xent) / batch
+                scaled = distribute.scale_loss(loss)
             self.adv_accuracy.update_state(y[:n_adv], logits[:n_adv])
             self.clean_accuracy.update_state(y[n_adv:], logits[n_adv:])
         variables = self.ser.trainable_variables
-        grads = tape.gradient(loss, variables)
+        grads = tape.gradient(scaled, variables)
         self.optimizer.apply_gradients(zip(grads, variables))
         self.loss_tracker.update_state(loss)
         return {m.name: m.result() for m in self.metrics}
@@ -275,7 +270,7 @@ class AdversarialTrainer(FoldTrainer):
         self.steps.budget = self.adversarial.budget_at(self.state["epoch"])
         return resumed
 
-    def fit_model(self) -> keras.Model:
+    def fit_model(self) -> TrainingSteps:
         return self.steps
 
     def callbacks(self) -> list[keras.callbacks.Callback]:

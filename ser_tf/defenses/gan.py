@@ -43,7 +43,8 @@ from ser_tf.attacks.budget import Budget
 from ser_tf.data.pipeline import central_clips, training_dataset
 from ser_tf.defenses.adversarial import AdversarialConfig, BudgetSchedule, compiled_crafter
 from ser_tf.evaluation.report import png_to_tensor, spectrograms_png
-from ser_tf.training.standard import FoldTrainer
+from ser_tf.training import distribute
+from ser_tf.training.standard import FoldTrainer, TrainingSteps
 from ser_tf.workdir import write_json
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,12 @@ class AdversarialPair:
     the purifier and its discriminator): a step counter and optimizers checkpointed
     together (resumable), losses to TensorBoard, images at every checkpoint.
 
-    Subclasses build their networks and optimizers, call :meth:`_checkpoint`, and
-    implement :meth:`train_step` and :meth:`write_images`.
+    Subclasses build their networks and optimizers (in the distribution strategy's scope),
+    call :meth:`_checkpoint`, compile their updates with :meth:`_compile`, and implement
+    :meth:`train_step` and :meth:`write_images`. Under a strategy with several replicas
+    the batches are split over them and every update runs on each replica
+    (:func:`~ser_tf.training.distribute.scale_loss` makes the summed gradients those of
+    the global batch).
     """
 
     steps_total: int
@@ -159,17 +164,35 @@ class AdversarialPair:
     desc = "GAN"
     postfix = ""
 
-    def _checkpoint(self, workdir: str | None, **objects) -> None:
-        """Creates the step counter and the checkpoint of ``objects``; restores it if one
-        exists under ``workdir/ckpt``."""
+    def _checkpoint(self, workdir: str | None, resume_from: str | None = None,
+                    **objects) -> None:
+        """Creates the step counter and the checkpoint of ``objects``, written under
+        ``workdir/ckpt``; restores the one under ``resume_from/ckpt`` (default
+        ``workdir``; other workers than the chief resume from the chief's) if it exists."""
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.manager = None
         if workdir is not None:
             ckpt = tf.train.Checkpoint(step=self.step, **objects)
             self.manager = tf.train.CheckpointManager(ckpt, os.path.join(workdir, "ckpt"),
                                                       max_to_keep=1)
-            if self.manager.latest_checkpoint:
-                ckpt.read(self.manager.latest_checkpoint).assert_existing_objects_matched()
+            latest = tf.train.latest_checkpoint(os.path.join(resume_from or workdir, "ckpt"))
+            if latest:
+                ckpt.read(latest).assert_existing_objects_matched()
+
+    @staticmethod
+    def _compile(update):
+        """``update`` as one compiled step: on every replica with its share of the batch
+        (arguments from a distributed dataset), the returned losses averaged over them."""
+        strategy = distribute.current()
+        if strategy.num_replicas_in_sync == 1:
+            return tf.function(update)
+
+        def replicated(*args):
+            out = strategy.run(update, args=args)
+            return tf.nest.map_structure(
+                lambda v: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None), out)
+
+        return tf.function(replicated)
 
     def train_step(self, step: int, batches) -> tuple[dict, tuple]:
         """One step (number ``step``) on batches drawn from the iterator ``batches``;
@@ -187,6 +210,9 @@ class AdversarialPair:
         start = int(self.step.numpy())
         if start >= self.steps_total:
             return
+        strategy = distribute.current()
+        if strategy.num_replicas_in_sync > 1:
+            data = strategy.experimental_distribute_dataset(distribute.for_replicas(data))
         batches = iter(data)
         bar = tqdm(total=self.steps_total, initial=start, desc=self.desc, unit="step",
                    disable=not progress)
@@ -218,10 +244,11 @@ class ConditionalWGAN(AdversarialPair):
       config: sizes and optimisation.
       workdir: where checkpoints (``ckpt/``) go (None: no checkpoints).
       seed: weight initialisation seed.
+      resume_from: the folder whose ``ckpt/`` to resume from (default ``workdir``).
     """
 
     def __init__(self, feature_shape: Sequence[int], num_classes: int, config: GANConfig,
-                 workdir: str | None = None, seed: int = 0):
+                 workdir: str | None = None, seed: int = 0, resume_from: str | None = None):
         frames, bins, channels = feature_shape
         keras.utils.set_random_seed(seed)
         self.config, self.num_classes = config, num_classes
@@ -233,10 +260,10 @@ class ConditionalWGAN(AdversarialPair):
         self.g_opt.build(self.generator.trainable_variables)
         self.d_opt.build(self.critic.trainable_variables)
         self.steps_total, self.checkpoint_every = config.steps, config.checkpoint_every
-        self._checkpoint(workdir, generator=self.generator, critic=self.critic,
+        self._checkpoint(workdir, resume_from, generator=self.generator, critic=self.critic,
                          g_opt=self.g_opt, d_opt=self.d_opt)
-        self._critic_step = tf.function(self._critic_update)
-        self._generator_step = tf.function(self._generator_update)
+        self._critic_step = self._compile(self._critic_update)
+        self._generator_step = self._compile(self._generator_update)
 
     def sample(self, labels, training: bool = False) -> tf.Tensor:
         """Generated maps for ``labels`` (class indices)."""
@@ -245,6 +272,7 @@ class ConditionalWGAN(AdversarialPair):
         return self.generator([noise, labels], training=training)
 
     def _critic_update(self, real: tf.Tensor, labels: tf.Tensor) -> dict:
+        labels = tf.cast(labels, tf.int32)
         fake = self.sample(labels, training=True)
         alpha = tf.random.uniform([tf.shape(real)[0], 1, 1, 1])
         mixed = alpha * real + (1.0 - alpha) * fake
@@ -258,16 +286,19 @@ class ConditionalWGAN(AdversarialPair):
             distance = (tf.reduce_mean(self.critic([real, labels], training=True))
                         - tf.reduce_mean(self.critic([fake, labels], training=True)))
             loss = -distance + self.config.gp_weight * penalty
+            scaled = distribute.scale_loss(loss)
         variables = self.critic.trainable_variables
-        self.d_opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        self.d_opt.apply_gradients(zip(tape.gradient(scaled, variables), variables))
         return {"critic_loss": loss, "wasserstein": distance, "gradient_penalty": penalty}
 
     def _generator_update(self, labels: tf.Tensor) -> tf.Tensor:
+        labels = tf.cast(labels, tf.int32)
         with tf.GradientTape() as tape:
             loss = -tf.reduce_mean(self.critic([self.sample(labels, training=True), labels],
                                                training=True))
+            scaled = distribute.scale_loss(loss)
         variables = self.generator.trainable_variables
-        self.g_opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        self.g_opt.apply_gradients(zip(tape.gradient(scaled, variables), variables))
         return loss
 
     desc, postfix = "GAN", "wasserstein"
@@ -276,7 +307,6 @@ class ConditionalWGAN(AdversarialPair):
         """``critic_steps`` critic updates on real batches, then one generator update."""
         for _ in range(self.config.critic_steps):
             real, labels = next(batches)
-            labels = tf.cast(labels, tf.int32)
             stats = self._critic_step(real, labels)
         stats["generator_loss"] = self._generator_step(labels)
         return stats, ()
@@ -331,17 +361,30 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
 
 
-def _probe(stats: np.ndarray, labels: np.ndarray, num_classes: int, seed: int):
-    """A softmax regression on standardised statistics (the real-data probe)."""
+def _probe(stats: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
+           steps: int = 300, learning_rate: float = 1e-2, l2: float = 1e-3):
+    """A softmax regression on standardised statistics (the real-data probe): full-batch
+    Adam in NumPy, so it runs the same inside any distribution strategy's scope."""
     mean, std = stats.mean(0), stats.std(0) + 1e-6
-    keras.utils.set_random_seed(seed)
-    probe = keras.Sequential([keras.Input((stats.shape[1],)),
-                              keras.layers.Dense(num_classes,
-                                                 kernel_regularizer=keras.regularizers.L2(1e-3))])
-    probe.compile(optimizer=keras.optimizers.Adam(1e-2),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    probe.fit((stats - mean) / std, labels, batch_size=len(stats), epochs=300, verbose=0)
-    return lambda s: np.argmax(probe.predict((s - mean) / std, verbose=0), -1)
+    x = (stats - mean) / std
+    onehot = np.eye(num_classes)[labels]
+    rng = np.random.default_rng(seed)
+    limit = np.sqrt(6.0 / (x.shape[1] + num_classes))
+    params = [rng.uniform(-limit, limit, (x.shape[1], num_classes)), np.zeros(num_classes)]
+    moments = [[np.zeros_like(p), np.zeros_like(p)] for p in params]
+    for t in range(1, steps + 1):
+        logits = x @ params[0] + params[1]
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        g_logits = (p - onehot) / len(x)
+        grads = [x.T @ g_logits + 2.0 * l2 * params[0], g_logits.sum(0)]
+        for param, grad, m in zip(params, grads, moments):
+            m[0] = 0.9 * m[0] + 0.1 * grad
+            m[1] = 0.999 * m[1] + 0.001 * grad ** 2
+            step = m[0] / (1 - 0.9 ** t) / (np.sqrt(m[1] / (1 - 0.999 ** t)) + 1e-7)
+            param -= learning_rate * step
+    w, b = params
+    return lambda s: np.argmax(((s - mean) / std) @ w + b, -1)
 
 
 def gan_quality(generate, real_train: np.ndarray, y_train: np.ndarray, real_held: np.ndarray,
@@ -388,39 +431,32 @@ def gan_quality(generate, real_train: np.ndarray, y_train: np.ndarray, real_held
 # -- GAN-augmented classifier training --------------------------------------------------------
 
 
-class GANAugmentedSteps(keras.Model):
+class GANAugmentedSteps(TrainingSteps):
     """Training steps on real crops plus generated feature maps (and optionally adversarial
     crops). Reports ``loss``, ``accuracy`` (real crops), ``gen_accuracy`` and, with
     adversarial examples, ``adv_accuracy``."""
 
     def __init__(self, model, generator: ConditionalWGAN, config: GANConfig, **kwargs):
-        super().__init__(name="gan_augmented_steps", **kwargs)
-        self.ser = model
+        super().__init__(model, name="gan_augmented_steps", **kwargs)
         self.gan = generator
         self.config = config
         self.adversarial = config.adversarial
         self.budget: Budget | None = None
         if config.adversarial is not None:
             self.set_budget(config.adversarial.budget_at(0))
-        self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.real_accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.gen_accuracy = keras.metrics.SparseCategoricalAccuracy(name="gen_accuracy")
         self.adv_accuracy = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
 
     @property
     def metrics(self):
-        return [self.loss_tracker, self.real_accuracy, self.gen_accuracy, self.adv_accuracy]
-
-    def call(self, inputs, training=False):
-        return self.ser(inputs, training=training)
+        return [*super().metrics, self.gen_accuracy, self.adv_accuracy]
 
     def set_budget(self, budget: Budget) -> None:
         """Changes the adversarial budget (the step function is traced again for it)."""
         if budget != self.budget:
             self.budget = budget
             self._craft = compiled_crafter(self.ser, self.adversarial, budget)
-            if self.compiled:
-                self.make_train_function(force=True)
+            self.retrace()
 
     def train_step(self, data):
         x, y, w = keras.utils.unpack_x_y_sample_weight(data)
@@ -447,11 +483,12 @@ class GANAugmentedSteps(keras.Model):
             logits = self.ser.classify(inputs, training=True)
             xent = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
             loss = tf.reduce_sum(weights * xent) / tf.cast(batch + n_gen, tf.float32)
+            scaled = distribute.scale_loss(loss)
         variables = self.ser.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
         self.loss_tracker.update_state(loss)
         self.adv_accuracy.update_state(y[:n_adv], logits[:n_adv])
-        self.real_accuracy.update_state(y[n_adv:], logits[n_adv:batch])
+        self.clean_accuracy.update_state(y[n_adv:], logits[n_adv:batch])
         self.gen_accuracy.update_state(y_gen, logits[batch:])
         return {m.name: m.result() for m in self.metrics}
 
@@ -481,9 +518,11 @@ class GANTrainer(FoldTrainer):
 
     def prepare(self) -> None:
         """Trains (or resumes, or loads) the GAN on the training speakers' features."""
+        distribute.check_batch(self.gan_cfg.batch_size, "--gan_batch_size")
         root = os.path.join(self.workdir, "gan")
         self.gan = ConditionalWGAN(self.feature_shape(), len(self.classes), self.gan_cfg,
-                                   workdir=root, seed=self.cfg.seed)
+                                   workdir=root, seed=self.cfg.seed,
+                                   resume_from=os.path.join(self.chief_workdir, "gan"))
         featurize = self.model.features
         real = training_dataset(self.corpus, self.fold.train, self.labels,
                                 segment_samples=self.segment,
@@ -513,7 +552,7 @@ class GANTrainer(FoldTrainer):
         self.steps = GANAugmentedSteps(self.model, self.gan, self.gan_cfg)
         self.steps.compile(optimizer=self.model.optimizer, jit_compile=False)
 
-    def fit_model(self) -> keras.Model:
+    def fit_model(self) -> TrainingSteps:
         return self.steps
 
     def callbacks(self) -> list[keras.callbacks.Callback]:

@@ -42,6 +42,7 @@ from ser_tf.attacks.budget import Budget
 from ser_tf.data.pipeline import training_dataset
 from ser_tf.defenses.gan import AdversarialPair
 from ser_tf.evaluation.report import png_to_tensor, spectrograms_png
+from ser_tf.training import distribute
 from ser_tf.training.standard import FoldTrainer
 
 log = logging.getLogger(__name__)
@@ -128,10 +129,11 @@ class PurifierGAN(AdversarialPair):
       config: sizes, losses and budgets.
       workdir: checkpoints go to ``workdir/ckpt`` (None: none).
       seed: initialisation seed.
+      resume_from: the folder whose ``ckpt/`` to resume from (default ``workdir``).
     """
 
     def __init__(self, model, config: PurifierConfig, workdir: str | None = None,
-                 seed: int = 0):
+                 seed: int = 0, resume_from: str | None = None):
         if model.purifier is not None:
             raise ValueError("the model already has a purifier")
         self.model, self.config = model, config
@@ -145,10 +147,10 @@ class PurifierGAN(AdversarialPair):
         self.p_opt.build(self.purifier.trainable_variables)
         self.d_opt.build(self.discriminator.trainable_variables)
         self.steps_total, self.checkpoint_every = config.steps, config.checkpoint_every
-        self._checkpoint(workdir, purifier=self.purifier, discriminator=self.discriminator,
-                         p_opt=self.p_opt, d_opt=self.d_opt)
+        self._checkpoint(workdir, resume_from, purifier=self.purifier,
+                         discriminator=self.discriminator, p_opt=self.p_opt, d_opt=self.d_opt)
         # One compiled step per budget (the budget is part of the traced attack).
-        self._steps = {b: tf.function(self._make_step(b)) for b in config.budgets}
+        self._steps = {b: self._compile(self._make_step(b)) for b in config.budgets}
 
     def _make_step(self, budget: Budget):
         cfg, model = self.config, self.model
@@ -157,6 +159,7 @@ class PurifierGAN(AdversarialPair):
             return model(v, training=False)
 
         def step(x, y):
+            y = tf.cast(y, tf.int32)
             n_adv = tf.cast(tf.round((1.0 - cfg.clean_share) * tf.cast(tf.shape(y)[0],
                                                                        tf.float32)), tf.int32)
             adv = whitebox.pgd(target, x[:n_adv], budget=budget, y=y[:n_adv],
@@ -169,8 +172,9 @@ class PurifierGAN(AdversarialPair):
                 d_fake = self.discriminator(purified, training=True)
                 d_loss = (tf.reduce_mean(tf.square(d_real - 1.0))
                           + tf.reduce_mean(tf.square(d_fake)))
+                d_scaled = distribute.scale_loss(d_loss)
             d_vars = self.discriminator.trainable_variables
-            self.d_opt.apply_gradients(zip(d_tape.gradient(d_loss, d_vars), d_vars))
+            self.d_opt.apply_gradients(zip(d_tape.gradient(d_scaled, d_vars), d_vars))
             with tf.GradientTape() as p_tape:
                 purified = self.purifier(inputs, training=True)
                 reconstruction = tf.reduce_mean(tf.abs(purified - clean))
@@ -181,8 +185,9 @@ class PurifierGAN(AdversarialPair):
                 p_loss = (cfg.reconstruction_weight * reconstruction
                           + cfg.adversarial_weight * fooling
                           + cfg.classification_weight * xent)
+                p_scaled = distribute.scale_loss(p_loss)
             p_vars = self.purifier.trainable_variables
-            self.p_opt.apply_gradients(zip(p_tape.gradient(p_loss, p_vars), p_vars))
+            self.p_opt.apply_gradients(zip(p_tape.gradient(p_scaled, p_vars), p_vars))
             return {"purifier_loss": p_loss, "discriminator_loss": d_loss,
                     "reconstruction_l1": reconstruction, "gan_loss": fooling,
                     "classifier_xent": xent}
@@ -195,7 +200,9 @@ class PurifierGAN(AdversarialPair):
         """One step on a ``(waveforms, labels)`` batch, at the step's budget."""
         x, y = next(batches)
         budget = self.config.budgets[step % len(self.config.budgets)]
-        return self._steps[budget](x, tf.cast(y, tf.int32)), (x[:2], y[:2])
+        stats = self._steps[budget](x, y)
+        x, y = distribute.first_replica(x), distribute.first_replica(y)
+        return stats, (x[:2], y[:2])
 
     def write_images(self, writer, step: int, x: tf.Tensor, y: tf.Tensor) -> None:
         """Clean, adversarial (PGD at the largest budget) and purified features."""
@@ -226,8 +233,10 @@ class PurifierTrainer(FoldTrainer):
     def finalize(self) -> None:
         """Trains the purifier for the selected classifier and puts it into the model."""
         root = os.path.join(self.workdir, "purifier")
+        distribute.check_batch(self.purifier_cfg.batch_size, "--purifier_batch_size")
         val_before = self.evaluate(self.fold.val, "validating")[0] if self.fold.val else {}
-        gan = PurifierGAN(self.model, self.purifier_cfg, workdir=root, seed=self.cfg.seed)
+        gan = PurifierGAN(self.model, self.purifier_cfg, workdir=root, seed=self.cfg.seed,
+                          resume_from=os.path.join(self.chief_workdir, "purifier"))
         data = training_dataset(self.corpus, self.fold.train, self.labels,
                                 segment_samples=self.segment,
                                 batch_size=self.purifier_cfg.batch_size, seed=self.cfg.seed,

@@ -25,6 +25,7 @@ from ser_tf.data.audio import AudioConfig
 from ser_tf.data.pipeline import decode_corpus
 from ser_tf.evaluation.metrics import evaluate_predictions, summarize_folds
 from ser_tf.models import ModelConfig
+from ser_tf.training import distribute
 from ser_tf.training.protocols import make_folds
 from ser_tf.training.standard import TrainConfig, train_fold
 from ser_tf.workdir import fold_dir, write_json
@@ -183,6 +184,7 @@ def run_experiment(cfg: ExperimentConfig, fold_trainer: Trainer = train_fold) ->
     """
     if cfg.model.sample_rate != cfg.audio.sample_rate:
         raise ValueError("model and audio sample rates differ")
+    distribute.get_strategy(cfg.train.strategy)  # before any other TF work
     os.makedirs(cfg.workdir, exist_ok=True)
     start = time.time()
     utterances, classes = list_utterances(cfg)
@@ -213,17 +215,25 @@ def run_experiment(cfg: ExperimentConfig, fold_trainer: Trainer = train_fold) ->
         metrics = fold_trainer(decoded, labels, classes, fold, cfg.model, cfg.train, workdir,
                                verbose=cfg.verbose)
         fold_metrics.append(metrics)
+        if not distribute.is_chief():
+            continue  # the chief pools and writes the results
         with open(os.path.join(workdir, "predictions.csv")) as f:
             pooled_pred += [index[r["predicted"]] for r in csv.DictReader(f)]
         pooled_idx += list(fold.test)
         log.info("fold %s: test UAR %.3f, accuracy %.3f", fold.name, metrics["uar"],
                  metrics["accuracy"])
 
+    if not distribute.is_chief():
+        distribute.remove_worker_dirs(cfg.workdir)
+        return {"worker": distribute.task_id(), "folds": [m.get("fold") for m in fold_metrics],
+                "outputs": "written by the chief"}
     context = {
         "corpus": cfg.corpus,
         "synthetic": any(u.corpus == "synthetic" for u in utterances),
         "protocol": cfg.protocol,
         "trainer": cfg.trainer,
+        "strategy": cfg.train.strategy,
+        "replicas": distribute.replicas(),
         "model": cfg.model.name,
         "classes": list(classes),
         "n_utterances": len(utterances),

@@ -45,6 +45,7 @@ from ser_tf.evaluation.metrics import evaluate_predictions
 from ser_tf.evaluation.predict import predict_utterances
 from ser_tf.evaluation.report import confusion_matrix_png, png_to_tensor, spectrograms_png
 from ser_tf.models import ModelConfig, SERModel, build_model
+from ser_tf.training import distribute
 from ser_tf.training.protocols import Fold
 from ser_tf.workdir import write_json
 
@@ -73,6 +74,8 @@ class TrainConfig:
         speaker-independent; results are labelled as such.
       refit: after early stopping, retrain on training + validation speakers for the
         selected number of epochs and report that model.
+      strategy: the tf.distribute strategy (``default``, ``mirrored``, ``multiworker``;
+        see :mod:`ser_tf.training.distribute`); ``batch_size`` is then the global batch.
     """
 
     epochs: int = 40
@@ -89,6 +92,7 @@ class TrainConfig:
     deterministic: bool = True
     speaker_norm: bool = False
     refit: bool = False
+    strategy: str = "default"
 
 
 def write_predictions(path: str, utterances: Sequence, y_true: np.ndarray, logits: np.ndarray,
@@ -107,6 +111,96 @@ def _class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
     return weights.astype(np.float32)
+
+
+class TrainingSteps(keras.Model):
+    """The training steps of a fold, around a :class:`~ser_tf.models.SERModel`.
+
+    :func:`run_epochs` runs :meth:`train_step` on every batch, on every replica of the
+    distribution strategy. The wrapper holds no weights of its own (it trains the wrapped
+    model's with that model's optimizer) and is never saved. Here the step is plain
+    (class-weighted) cross-entropy; the defenses' steps subclass it. Reported per epoch:
+    ``loss`` and ``accuracy`` on the training batches, aggregated over replicas.
+    """
+
+    def __init__(self, model, name: str = "training_steps", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.ser = model
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.clean_accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self._step_fn = None
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.clean_accuracy]
+
+    def call(self, inputs, training=False):
+        return self.ser(inputs, training=training)
+
+    def train_step(self, data):
+        x, y, w = keras.utils.unpack_x_y_sample_weight(data)
+        y = tf.cast(y, tf.int32)
+        w = tf.ones(tf.shape(y), tf.float32) if w is None else tf.cast(w, tf.float32)
+        with tf.GradientTape() as tape:
+            logits = self.ser(x, training=True)
+            xent = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
+            loss = tf.reduce_sum(w * xent) / tf.cast(tf.shape(y)[0], tf.float32)
+            scaled = distribute.scale_loss(loss)
+        variables = self.ser.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+        self.loss_tracker.update_state(loss)
+        self.clean_accuracy.update_state(y, logits)
+        return {m.name: m.result() for m in self.metrics}
+
+    def step_function(self):
+        """:meth:`train_step` compiled, run on every replica (traced once, until
+        :meth:`retrace`)."""
+        if self._step_fn is None:
+            strategy = distribute.current()
+            self._step_fn = tf.function(lambda batch: strategy.run(self.train_step,
+                                                                   args=(batch,)))
+        return self._step_fn
+
+    def retrace(self) -> None:
+        """Forgets the compiled step (e.g. after the attack budget changed)."""
+        self._step_fn = None
+
+
+def run_epochs(steps: TrainingSteps, dataset: tf.data.Dataset, *, epochs: int,
+               initial_epoch: int, callbacks: Sequence[keras.callbacks.Callback],
+               verbose: int) -> None:
+    """Trains ``steps`` for epochs ``initial_epoch .. epochs - 1`` over ``dataset``.
+
+    The loop of ``keras.Model.fit`` (callbacks, progress bar, ``stop_training``), written
+    out because Keras 3's ``fit`` fails under ``MultiWorkerMirroredStrategy`` (it reduces
+    scalar step outputs along axis 0, keras-team/keras#20585): batches are distributed
+    over the strategy's replicas, each runs :meth:`TrainingSteps.train_step`, and the
+    epoch's logs are the metrics aggregated over every replica.
+    """
+    strategy = distribute.current()
+    n_steps = int(dataset.cardinality())
+    n_steps = n_steps if n_steps > 0 else None
+    data = (strategy.experimental_distribute_dataset(dataset)
+            if strategy.num_replicas_in_sync > 1 else dataset)
+    hooks = keras.callbacks.CallbackList(list(callbacks), add_progbar=verbose != 0,
+                                         model=steps, verbose=verbose, epochs=epochs,
+                                         steps=n_steps)
+    steps.stop_training = False
+    hooks.on_train_begin()
+    logs: dict = {}
+    for epoch in range(initial_epoch, epochs):
+        steps.reset_metrics()
+        hooks.on_epoch_begin(epoch)
+        for i, batch in enumerate(data):
+            hooks.on_train_batch_begin(i)
+            steps.step_function()(batch)
+            hooks.on_train_batch_end(i, {m.name: m.result() for m in steps.metrics}
+                                     if verbose == 1 else None)
+        logs = {m.name: float(m.result()) for m in steps.metrics}
+        hooks.on_epoch_end(epoch, logs)
+        if steps.stop_training:
+            break
+    hooks.on_train_end(logs)
 
 
 class _EpochState(keras.callbacks.Callback):
@@ -129,9 +223,15 @@ class FoldTrainer:
     """State and steps of one fold's training (see :func:`train_fold`).
 
     Other training methods (``ser_tf.defenses``) subclass it and override its extension
-    points: :meth:`fit_model` (the Keras model whose ``fit`` runs the training steps),
+    points: :meth:`fit_model` (the :class:`TrainingSteps` that :func:`run_epochs` runs),
     :meth:`callbacks` (extra per-epoch work), :meth:`validate` (the model-selection score)
     and :meth:`hparams` (what TensorBoard's hparams dashboard shows).
+
+    Under a distribution strategy (``cfg.strategy``) the models, optimizers and training
+    steps are built in its scope. ``workdir`` is where this process writes: the fold's
+    folder on the chief, a private folder inside it on other workers
+    (:func:`~ser_tf.training.distribute.worker_dir`); ``chief_workdir`` is the fold's
+    folder, from which every worker resumes.
     """
 
     #: The training method's name in messages, and whether it takes per-speaker
@@ -143,9 +243,12 @@ class FoldTrainer:
                  fold: Fold, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str,
                  verbose: int):
         self.corpus, self.labels, self.classes = corpus, labels, list(classes)
-        self.fold, self.model_cfg, self.cfg, self.workdir = fold, model_cfg, cfg, workdir
+        self.fold, self.model_cfg, self.cfg = fold, model_cfg, cfg
         self.verbose = verbose
-        self.ckpt_dir = os.path.join(workdir, "checkpoints")
+        self.strategy = distribute.get_strategy(cfg.strategy)
+        self.chief_workdir = workdir
+        self.workdir = distribute.worker_dir(workdir)
+        self.ckpt_dir = os.path.join(self.workdir, "checkpoints")
         self.state_path = os.path.join(self.ckpt_dir, "state.json")
         self.best_path = os.path.join(self.ckpt_dir, "best.weights.h5")
         self.rate = corpus.config.sample_rate
@@ -153,14 +256,17 @@ class FoldTrainer:
         self.hop = max(1, int(round(cfg.eval_hop_s * self.rate)))
         self.state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "wait": 0,
                       "history": [], "train_seconds": 0.0}
-        self.val_writer = tf.summary.create_file_writer(os.path.join(workdir, "tb", "val"))
+        self.val_writer = tf.summary.create_file_writer(
+            os.path.join(self.workdir, "tb", "val"))
         self._eval_sets: dict[tuple[int, ...], tuple[tf.data.Dataset, int]] = {}
         self._epoch_start = time.time()
+        self._steps: TrainingSteps | None = None
 
     # -- setup -------------------------------------------------------------------------------
     def build(self) -> None:
         if self.cfg.speaker_norm and not self.supports_speaker_norm:
             raise ValueError(f"{self.method_name} does not support --speaker_norm")
+        distribute.check_batch(self.cfg.batch_size)
         keras.utils.set_random_seed(self.cfg.seed)
         self.model: SERModel = build_model(self.model_cfg, self.classes, seed=self.cfg.seed)
         self.forward = tf.function(lambda x: self.model(x, training=False),
@@ -192,11 +298,14 @@ class FoldTrainer:
                 hop_samples=self.hop, pad_mode=self.cfg.pad_mode)
 
     def restore(self) -> bool:
-        """Resumes from the last finished epoch if a checkpoint exists."""
-        if self.manager.latest_checkpoint is None or not os.path.exists(self.state_path):
+        """Resumes from the chief's last finished epoch if a checkpoint exists."""
+        ckpt_dir = os.path.join(self.chief_workdir, "checkpoints")
+        latest = tf.train.latest_checkpoint(ckpt_dir)
+        state_path = os.path.join(ckpt_dir, "state.json")
+        if latest is None or not os.path.exists(state_path):
             return False
-        self.checkpoint.read(self.manager.latest_checkpoint).assert_existing_objects_matched()
-        with open(self.state_path) as f:
+        self.checkpoint.read(latest).assert_existing_objects_matched()
+        with open(state_path) as f:
             state = json.load(f)
         # The state file is written after the checkpoint; trust the checkpoint's epoch.
         state["history"] = state["history"][:int(self.epoch_var.numpy())]
@@ -217,14 +326,17 @@ class FoldTrainer:
         self.model.normalizer.adapt(frontend(w) for _, w in ds)
 
     def train_dataset(self) -> tf.data.Dataset:
+        # With several replicas every step must split evenly: no last incomplete batch.
         ds = training_dataset(self.corpus, self.fold.train, self.labels,
                               segment_samples=self.segment, batch_size=self.cfg.batch_size,
                               seed=self.cfg.seed, augment=self.cfg.augment,
-                              pad_mode=self.cfg.pad_mode, norm_stats=self.norm_stats)
-        if not self.cfg.class_weighting:
-            return ds
-        weights = tf.constant(_class_weights(self.labels[self.fold.train], len(self.classes)))
-        return ds.map(lambda x, y: (x, y, tf.gather(weights, y)))
+                              pad_mode=self.cfg.pad_mode, norm_stats=self.norm_stats,
+                              drop_remainder=distribute.replicas() > 1)
+        if self.cfg.class_weighting:
+            weights = tf.constant(_class_weights(self.labels[self.fold.train],
+                                                 len(self.classes)))
+            ds = ds.map(lambda x, y: (x, y, tf.gather(weights, y)))
+        return distribute.for_replicas(ds)
 
     # -- evaluation ----------------------------------------------------------------------------
     def predict(self, indices: Sequence[int], desc: str) -> np.ndarray:
@@ -246,9 +358,12 @@ class FoldTrainer:
         return metrics, logits
 
     # -- extension points ----------------------------------------------------------------
-    def fit_model(self) -> keras.Model:
-        """The compiled model whose ``fit`` runs the training steps (here the SER model)."""
-        return self.model
+    def fit_model(self) -> TrainingSteps:
+        """The training steps (here plain cross-entropy on the SER model)."""
+        if self._steps is None:
+            self._steps = TrainingSteps(self.model)
+            self._steps.compile(optimizer=self.model.optimizer, jit_compile=False)
+        return self._steps
 
     def callbacks(self) -> list[keras.callbacks.Callback]:
         """Callbacks run before the per-epoch validation and checkpoint."""
@@ -398,51 +513,56 @@ def train_fold(corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str]
                          train_seconds=round(selection["train_seconds"]
                                              + trainer.state["train_seconds"], 1))
 
-    trainer.finalize()
+    with trainer.strategy.scope():
+        trainer.finalize()
+    # The chief writes the fold's outputs; other workers write theirs privately.
+    out = distribute.worker_dir(workdir)
     test, logits = trainer.evaluate(fold.test, "testing")
-    write_predictions(os.path.join(workdir, "predictions.csv"),
+    write_predictions(os.path.join(out, "predictions.csv"),
                       [corpus.utterances[i] for i in fold.test], labels[fold.test], logits,
                       classes)
     test.update(fold=fold.name, test_speakers=list(fold.test_speakers),
                 val_speakers=list(fold.val_speakers), n_train=len(fold.train),
                 n_val=len(fold.val), **selection, **trainer.describe())
     png = confusion_matrix_png(test["confusion_matrix"], classes, f"test, {fold.name}")
-    with open(os.path.join(workdir, "confusion_matrix.png"), "wb") as f:
+    with open(os.path.join(out, "confusion_matrix.png"), "wb") as f:
         f.write(png)
-    writer = tf.summary.create_file_writer(os.path.join(workdir, "tb", "test"))
+    writer = tf.summary.create_file_writer(os.path.join(out, "tb", "test"))
     with writer.as_default(step=trainer.state["epoch"]):
         tf.summary.scalar("uar", test["uar"])
         tf.summary.scalar("accuracy", test["accuracy"])
         tf.summary.image("confusion_matrix", png_to_tensor(png))
     writer.flush()
-    trainer.model.save(os.path.join(workdir, "model.keras"))
-    write_json(metrics_path, test)
+    trainer.model.save(os.path.join(out, "model.keras"))
+    write_json(os.path.join(out, "metrics.json"), test)
     return test
 
 
 def _fit(trainer: FoldTrainer) -> FoldTrainer:
     """Trains (or resumes) one model in the trainer's workdir; returns the trainer with the
-    selected weights loaded."""
+    selected weights loaded. Models, optimizers and steps are built in the strategy's
+    scope."""
     cfg = trainer.cfg
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.backend.clear_session()
-    trainer.build()
-    trainer.compute_norm_stats()
-    if not trainer.restore():
-        trainer.adapt_normalizer()
-        trainer.write_examples()
-    trainer.prepare()
-    start = trainer.state["epoch"]
-    if start < cfg.epochs and not trainer.should_stop():
-        callbacks = [
-            keras.callbacks.TensorBoard(os.path.join(trainer.workdir, "tb"), write_graph=False,
-                                        profile_batch=0),
-            *trainer.callbacks(),
-            _EpochState(trainer),
-        ]
-        trainer.fit_model().fit(trainer.train_dataset(), epochs=cfg.epochs, initial_epoch=start,
-                                callbacks=callbacks, verbose=trainer.verbose, shuffle=False)
-    if os.path.exists(trainer.best_path):
-        trainer.model.load_weights(trainer.best_path)
+    with trainer.strategy.scope():
+        trainer.build()
+        trainer.compute_norm_stats()
+        if not trainer.restore():
+            trainer.adapt_normalizer()
+            trainer.write_examples()
+        trainer.prepare()
+        start = trainer.state["epoch"]
+        if start < cfg.epochs and not trainer.should_stop():
+            callbacks = [
+                keras.callbacks.TensorBoard(os.path.join(trainer.workdir, "tb"),
+                                            write_graph=False, profile_batch=0),
+                *trainer.callbacks(),
+                _EpochState(trainer),
+            ]
+            run_epochs(trainer.fit_model(), trainer.train_dataset(), epochs=cfg.epochs,
+                       initial_epoch=start, callbacks=callbacks, verbose=trainer.verbose)
+        if os.path.exists(trainer.best_path):
+            trainer.model.load_weights(trainer.best_path)
     return trainer
