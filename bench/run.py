@@ -28,11 +28,12 @@ from typing import Callable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-REPORTS = ("pipeline", "training", "attack", "defenses")
+REPORTS = ("pipeline", "training", "attack", "defenses", "distribute")
 TITLES = {"pipeline": "Input pipeline: ser_tf tf.data vs a librosa loop",
           "training": "Training throughput: ser_tf tf.data path vs NumPy arrays",
           "attack": "Attack throughput: ser_tf PGD-10 vs IBM ART and the gradient bound",
-          "defenses": "Defended training cost: each method's epoch time vs standard training"}
+          "defenses": "Defended training cost: each method's epoch time vs standard training",
+          "distribute": "Data-parallel training: one replica vs two (--strategy)"}
 DEFAULT_TITLE = "# Benchmarks\n"
 
 
@@ -226,9 +227,19 @@ def _run_defenses(quick: bool, repeats: int | None) -> tuple[dict, str]:
     return report, defenses.to_markdown(report)
 
 
+def _run_distribute(quick: bool, repeats: int | None) -> tuple[dict, str]:
+    from bench import distribute
+
+    if quick:
+        report = distribute.distribute_report(epochs=2, repeats=repeats or 1, files=64)
+    else:
+        report = distribute.distribute_report(repeats=repeats or 2)
+    return report, distribute.to_markdown(report)
+
+
 RUNNERS: dict[str, Callable[[bool, int | None], tuple[dict, str]]] = {
     "pipeline": _run_pipeline, "training": _run_training, "attack": _run_attack,
-    "defenses": _run_defenses}
+    "defenses": _run_defenses, "distribute": _run_distribute}
 
 
 def main(argv: list[str] | None = None) -> int:
