@@ -125,8 +125,8 @@ def _run(contender: str, epochs: int, batch_size: int, files: int) -> dict:
         return json.loads(Path(out).read_text())
 
 
-def distribute_report(epochs: int = 4, repeats: int = 2, *, batch_size: int = 32,
-                      files: int = 256) -> dict:
+def distribute_report(epochs: int = 6, repeats: int = 2, *, batch_size: int = 32,
+                      files: int = 535) -> dict:
     """Examples per second of one replica, two mirrored replicas and two workers.
 
     Args:
