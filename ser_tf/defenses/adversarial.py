@@ -177,7 +177,8 @@ class AdversarialSteps(TrainingSteps):
     """The training steps of adversarial training (see :class:`TrainingSteps`).
 
     Reported per epoch: ``loss``, ``accuracy`` (the clean examples of the batches; for
-    TRADES every clean example) and ``adv_accuracy`` (the adversarial ones).
+    TRADES every clean example; absent when every example is adversarial) and
+    ``adv_accuracy`` (the adversarial ones).
     """
 
     def __init__(self, model, config: AdversarialConfig, **kwargs):
@@ -189,6 +190,8 @@ class AdversarialSteps(TrainingSteps):
 
     @property
     def metrics(self):
+        if self.config.method != "trades" and self.config.ratio >= 1.0:
+            return [self.loss_tracker, self.adv_accuracy]
         return [*super().metrics, self.adv_accuracy]
 
     def set_budget(self, budget: Budget) -> None:
@@ -227,7 +230,6 @@ class AdversarialSteps(TrainingSteps):
                 log_p = tf.nn.log_softmax(logits_clean)
                 kl = tf.reduce_sum(tf.exp(log_p) * (log_p - tf.nn.log_softmax(logits_adv)), -1)
                 loss = tf.reduce_sum(w * (xent + cfg.trades_beta * kl)) / batch
-                scaled = distribute.scale_loss(loss)
             self.clean_accuracy.update_state(y, logits_clean)
             self.adv_accuracy.update_state(y, logits_adv)
         else:
@@ -238,12 +240,9 @@ class AdversarialSteps(TrainingSteps):
                 logits = self._logits(tf.concat([adv, clean], 0))
                 xent = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
                 loss = tf.reduce_sum(w * xent) / batch
-                scaled = distribute.scale_loss(loss)
             self.adv_accuracy.update_state(y[:n_adv], logits[:n_adv])
             self.clean_accuracy.update_state(y[n_adv:], logits[n_adv:])
-        variables = self.ser.trainable_variables
-        grads = tape.gradient(scaled, variables)
-        self.optimizer.apply_gradients(zip(grads, variables))
+        distribute.minimize(self.optimizer, tape, loss, self.ser.trainable_variables)
         self.loss_tracker.update_state(loss)
         return {m.name: m.result() for m in self.metrics}
 

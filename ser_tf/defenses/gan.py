@@ -155,7 +155,7 @@ class AdversarialPair:
     call :meth:`_checkpoint`, compile their updates with :meth:`_compile`, and implement
     :meth:`train_step` and :meth:`write_images`. Under a strategy with several replicas
     the batches are split over them and every update runs on each replica
-    (:func:`~ser_tf.training.distribute.scale_loss` makes the summed gradients those of
+    (:func:`~ser_tf.training.distribute.minimize` makes the summed gradients those of
     the global batch).
     """
 
@@ -286,9 +286,7 @@ class ConditionalWGAN(AdversarialPair):
             distance = (tf.reduce_mean(self.critic([real, labels], training=True))
                         - tf.reduce_mean(self.critic([fake, labels], training=True)))
             loss = -distance + self.config.gp_weight * penalty
-            scaled = distribute.scale_loss(loss)
-        variables = self.critic.trainable_variables
-        self.d_opt.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+        distribute.minimize(self.d_opt, tape, loss, self.critic.trainable_variables)
         return {"critic_loss": loss, "wasserstein": distance, "gradient_penalty": penalty}
 
     def _generator_update(self, labels: tf.Tensor) -> tf.Tensor:
@@ -296,9 +294,7 @@ class ConditionalWGAN(AdversarialPair):
         with tf.GradientTape() as tape:
             loss = -tf.reduce_mean(self.critic([self.sample(labels, training=True), labels],
                                                training=True))
-            scaled = distribute.scale_loss(loss)
-        variables = self.generator.trainable_variables
-        self.g_opt.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+        distribute.minimize(self.g_opt, tape, loss, self.generator.trainable_variables)
         return loss
 
     desc, postfix = "GAN", "wasserstein"
@@ -433,8 +429,8 @@ def gan_quality(generate, real_train: np.ndarray, y_train: np.ndarray, real_held
 
 class GANAugmentedSteps(TrainingSteps):
     """Training steps on real crops plus generated feature maps (and optionally adversarial
-    crops). Reports ``loss``, ``accuracy`` (real crops), ``gen_accuracy`` and, with
-    adversarial examples, ``adv_accuracy``."""
+    crops). Reports ``loss``, ``accuracy`` (clean real crops; absent when every real crop
+    is adversarial), ``gen_accuracy`` and, with adversarial examples, ``adv_accuracy``."""
 
     def __init__(self, model, generator: ConditionalWGAN, config: GANConfig, **kwargs):
         super().__init__(model, name="gan_augmented_steps", **kwargs)
@@ -449,7 +445,10 @@ class GANAugmentedSteps(TrainingSteps):
 
     @property
     def metrics(self):
-        return [*super().metrics, self.gen_accuracy, self.adv_accuracy]
+        if self.adversarial is None:
+            return [*super().metrics, self.gen_accuracy]
+        clean = [] if self.adversarial.ratio >= 1.0 else [self.clean_accuracy]
+        return [self.loss_tracker, *clean, self.gen_accuracy, self.adv_accuracy]
 
     def set_budget(self, budget: Budget) -> None:
         """Changes the adversarial budget (the step function is traced again for it)."""
@@ -483,9 +482,7 @@ class GANAugmentedSteps(TrainingSteps):
             logits = self.ser.classify(inputs, training=True)
             xent = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
             loss = tf.reduce_sum(weights * xent) / tf.cast(batch + n_gen, tf.float32)
-            scaled = distribute.scale_loss(loss)
-        variables = self.ser.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+        distribute.minimize(self.optimizer, tape, loss, self.ser.trainable_variables)
         self.loss_tracker.update_state(loss)
         self.adv_accuracy.update_state(y[:n_adv], logits[:n_adv])
         self.clean_accuracy.update_state(y[n_adv:], logits[n_adv:batch])

@@ -172,9 +172,8 @@ class PurifierGAN(AdversarialPair):
                 d_fake = self.discriminator(purified, training=True)
                 d_loss = (tf.reduce_mean(tf.square(d_real - 1.0))
                           + tf.reduce_mean(tf.square(d_fake)))
-                d_scaled = distribute.scale_loss(d_loss)
-            d_vars = self.discriminator.trainable_variables
-            self.d_opt.apply_gradients(zip(d_tape.gradient(d_scaled, d_vars), d_vars))
+            distribute.minimize(self.d_opt, d_tape, d_loss,
+                                self.discriminator.trainable_variables)
             with tf.GradientTape() as p_tape:
                 purified = self.purifier(inputs, training=True)
                 reconstruction = tf.reduce_mean(tf.abs(purified - clean))
@@ -185,9 +184,7 @@ class PurifierGAN(AdversarialPair):
                 p_loss = (cfg.reconstruction_weight * reconstruction
                           + cfg.adversarial_weight * fooling
                           + cfg.classification_weight * xent)
-                p_scaled = distribute.scale_loss(p_loss)
-            p_vars = self.purifier.trainable_variables
-            self.p_opt.apply_gradients(zip(p_tape.gradient(p_scaled, p_vars), p_vars))
+            distribute.minimize(self.p_opt, p_tape, p_loss, self.purifier.trainable_variables)
             return {"purifier_loss": p_loss, "discriminator_loss": d_loss,
                     "reconstruction_l1": reconstruction, "gan_loss": fooling,
                     "classifier_xent": xent}

@@ -16,8 +16,8 @@ What holds under every strategy:
 * ``--batch_size`` is the global batch; each step splits it over the replicas (it must
   divide evenly, and the last incomplete batch of an epoch is dropped when there is more
   than one replica, so every replica steps in lock-step).
-* Gradients are summed over replicas from per-replica losses scaled by
-  ``1 / replicas`` (:func:`scale_loss`): the update is the one of the global batch.
+* Gradients are summed over replicas after each replica scaled its own by
+  ``1 / replicas`` (:func:`minimize`): the update is the one of the global batch.
 * Metrics are Keras metrics, aggregated over replicas (and workers) at the end of each
   epoch before they reach the history, TensorBoard and model selection.
 * Only the chief writes the run's outputs. Every other worker runs exactly the same
@@ -179,12 +179,21 @@ def replicas() -> int:
     return int(current().num_replicas_in_sync)
 
 
-def scale_loss(loss: tf.Tensor) -> tf.Tensor:
-    """A per-replica loss (mean over the replica's examples) scaled so that the gradients,
-    summed over replicas, are those of the mean over the global batch. Call it in replica
-    context (a train step)."""
+def minimize(optimizer, tape: tf.GradientTape, loss: tf.Tensor, variables) -> None:
+    """One optimizer update from a replica's ``loss`` (the mean over the replica's
+    examples) recorded on ``tape``.
+
+    The gradients are scaled by ``1 / replicas`` before they are applied, so that summed
+    over replicas (the strategy's all-reduce in ``apply_gradients``) they are the gradients
+    of the mean over the global batch. Every training step of the project updates its
+    weights through here; call it in replica context (a train step), after the tape.
+    """
+    variables = list(variables)
+    grads = tape.gradient(loss, variables)
     n = tf.distribute.get_strategy().num_replicas_in_sync
-    return loss if n == 1 else loss * (1.0 / n)
+    if n > 1:
+        grads = [g if g is None else g * (1.0 / n) for g in grads]
+    optimizer.apply_gradients(zip(grads, variables))
 
 
 def first_replica(value):

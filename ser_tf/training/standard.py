@@ -145,9 +145,7 @@ class TrainingSteps(keras.Model):
             logits = self.ser(x, training=True)
             xent = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
             loss = tf.reduce_sum(w * xent) / tf.cast(tf.shape(y)[0], tf.float32)
-            scaled = distribute.scale_loss(loss)
-        variables = self.ser.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+        distribute.minimize(self.optimizer, tape, loss, self.ser.trainable_variables)
         self.loss_tracker.update_state(loss)
         self.clean_accuracy.update_state(y, logits)
         return {m.name: m.result() for m in self.metrics}
@@ -405,8 +403,9 @@ class FoldTrainer:
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         # Every training metric of the epoch (loss, accuracy, and e.g. adv_accuracy).
         train = {k: float(v) for k, v in logs.items() if np.ndim(v) == 0}
+        # No "accuracy" when no clean example was trained on (e.g. --adv_ratio=1).
         entry = {"epoch": epoch + 1, "loss": float(logs.get("loss", np.nan)),
-                 "accuracy": float(logs.get("accuracy", np.nan)), **train,
+                 "accuracy": train.get("accuracy"), **train,
                  "val_uar": val.get("uar"), "val_accuracy": val.get("accuracy"),
                  "score": score, "learning_rate": lr, "fit_seconds": round(fit_seconds, 2),
                  **extra}
@@ -434,8 +433,9 @@ class FoldTrainer:
             more = {**{k: v for k, v in train.items() if k not in ("loss", "accuracy")},
                     **extra}
             shown = "".join(f", {k} {v:.3f}" for k, v in more.items() if isinstance(v, float))
-            log.info("%s epoch %d: loss %.4f, train acc %.3f, val UAR %s%s, score %.3f%s",
-                     self.fold.name, epoch + 1, entry["loss"], entry["accuracy"],
+            log.info("%s epoch %d: loss %.4f, train acc %s, val UAR %s%s, score %.3f%s",
+                     self.fold.name, epoch + 1, entry["loss"],
+                     "-" if entry["accuracy"] is None else f"{entry['accuracy']:.3f}",
                      "-" if entry["val_uar"] is None else f"{entry['val_uar']:.3f}", shown,
                      score, " (best)" if self.state["wait"] == 0 else "")
 
