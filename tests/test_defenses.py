@@ -133,8 +133,11 @@ def test_adversarial_steps_train_every_weight_and_report_both_accuracies(config)
     history = steps.fit(x, y, batch_size=6, epochs=1, verbose=0)
     # With no clean example in the batches there is no clean accuracy to report.
     clean = config.method == "trades" or config.ratio < 1.0
-    assert set(history.history) == {"loss", "adv_accuracy"} | ({"accuracy"} if clean else set())
+    assert set(history.history) == ({"loss", "adv_accuracy", "adv_radius_used"}
+                                    | ({"accuracy"} if clean else set()))
     assert np.isfinite(history.history["loss"][0])
+    # The crafted examples use the budget they were asked for, and never more.
+    assert 0.9 <= history.history["adv_radius_used"][0] <= 1.0 + 1e-5
     changed = [not np.allclose(a, w.numpy()) for a, w in zip(before, model.trainable_weights)]
     assert all(changed), "every weight of the wrapped model trains"
     assert not steps.weights or all(any(w is v for v in model.weights) for w in steps.weights)
@@ -203,6 +206,9 @@ def test_adversarial_trainer_resumes_with_the_budget_of_its_epoch(manifest, tmp_
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
     assert [h["budget"] for h in metrics["history"]] == [
         method.budget_at(e).label for e in range(3)]
+    # ... and the examples of the resumed epochs were crafted at it (not at epoch 1's).
+    for h in metrics["history"]:
+        assert 0.9 <= h["adv_radius_used"] <= 1.0 + 1e-5, h
 
 
 def test_unknown_trainer_and_wrong_method_config_are_clear_errors(manifest, tmp_path):

@@ -131,6 +131,20 @@ def epsilon(x: tf.Tensor, budget: Budget) -> tf.Tensor:
     return budget.radius * reference_scale(x, budget)
 
 
+def radius_used(x: tf.Tensor, x_adv: tf.Tensor, budget: Budget) -> tf.Tensor:
+    """Per-example ``[B]`` share of ``budget``'s radius the perturbation uses: its norm
+    (the budget's) over :func:`epsilon`. At most 1 inside the ball; an iterative L-inf
+    attack with sign steps reaches 1 on almost every example."""
+    x = tf.convert_to_tensor(x, tf.float32)
+    delta = tf.convert_to_tensor(x_adv, tf.float32) - x
+    axes = _reduce_axes(x)
+    if budget.norm == np.inf:
+        norm = tf.reduce_max(tf.abs(delta), axis=axes)
+    else:
+        norm = tf.sqrt(tf.reduce_sum(tf.square(delta), axis=axes))
+    return norm / tf.reshape(epsilon(x, budget), [-1])
+
+
 def project(x: tf.Tensor, x_adv: tf.Tensor, budget: Budget) -> tf.Tensor:
     """Puts ``x_adv`` inside the budget's ball around ``x`` and inside the sample range."""
     x = tf.convert_to_tensor(x, tf.float32)

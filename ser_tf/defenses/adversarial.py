@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from ser_tf.attacks import whitebox
-from ser_tf.attacks.budget import Budget
+from ser_tf.attacks.budget import Budget, radius_used
 from ser_tf.data.pipeline import central_clips
 from ser_tf.evaluation.metrics import classification_metrics
 from ser_tf.training import distribute
@@ -177,8 +177,10 @@ class AdversarialSteps(TrainingSteps):
     """The training steps of adversarial training (see :class:`TrainingSteps`).
 
     Reported per epoch: ``loss``, ``accuracy`` (the clean examples of the batches; for
-    TRADES every clean example; absent when every example is adversarial) and
-    ``adv_accuracy`` (the adversarial ones).
+    TRADES every clean example; absent when every example is adversarial),
+    ``adv_accuracy`` (the adversarial ones) and ``adv_radius_used`` (the mean share of the
+    epoch's budget radius the crafted perturbations use: about 1 for PGD; it checks that
+    the examples were crafted at the budget the history names).
     """
 
     def __init__(self, model, config: AdversarialConfig, **kwargs):
@@ -187,12 +189,13 @@ class AdversarialSteps(TrainingSteps):
         self.budget = config.budget_at(0)
         self._craft = compiled_crafter(self.ser, self.config, self.budget)
         self.adv_accuracy = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
+        self.radius_used = keras.metrics.Mean(name="adv_radius_used")
 
     @property
     def metrics(self):
         if self.config.method != "trades" and self.config.ratio >= 1.0:
-            return [self.loss_tracker, self.adv_accuracy]
-        return [*super().metrics, self.adv_accuracy]
+            return [self.loss_tracker, self.adv_accuracy, self.radius_used]
+        return [*super().metrics, self.adv_accuracy, self.radius_used]
 
     def set_budget(self, budget: Budget) -> None:
         """Changes the training budget (the step function is traced again for it)."""
@@ -222,6 +225,7 @@ class AdversarialSteps(TrainingSteps):
                                     if cfg.domain == "features"
                                     else self.ser(x, training=False))
             adv = self._craft(clean_inputs, tf.stop_gradient(p_clean))
+            self.radius_used.update_state(radius_used(clean_inputs, adv, self.budget))
             with tf.GradientTape() as tape:
                 # One pass over both halves: batch normalisation sees one batch.
                 logits_clean, logits_adv = tf.split(
@@ -234,7 +238,9 @@ class AdversarialSteps(TrainingSteps):
             self.adv_accuracy.update_state(y, logits_adv)
         else:
             n_adv = tf.cast(tf.round(cfg.ratio * batch), tf.int32)
-            adv = self._craft(self._inputs(x[:n_adv]), y[:n_adv])
+            attacked = self._inputs(x[:n_adv])
+            adv = self._craft(attacked, y[:n_adv])
+            self.radius_used.update_state(radius_used(attacked, adv, self.budget))
             clean = self._inputs(x[n_adv:])
             with tf.GradientTape() as tape:
                 logits = self._logits(tf.concat([adv, clean], 0))
@@ -260,17 +266,16 @@ class AdversarialTrainer(FoldTrainer):
 
     def build(self) -> None:
         super().build()
-        self.steps = AdversarialSteps(self.model, self.adversarial)
-        self.steps.compile(optimizer=self.model.optimizer, jit_compile=False)
         self.val_attack = tf.function(self._attack_batch, reduce_retracing=True)
 
     def restore(self) -> bool:
         resumed = super().restore()
-        self.steps.budget = self.adversarial.budget_at(self.state["epoch"])
+        # The crafter of the resumed epoch's budget (not only its label).
+        self.steps.set_budget(self.adversarial.budget_at(self.state["epoch"]))
         return resumed
 
-    def fit_model(self) -> TrainingSteps:
-        return self.steps
+    def make_steps(self) -> TrainingSteps:
+        return AdversarialSteps(self.model, self.adversarial)
 
     def callbacks(self) -> list[keras.callbacks.Callback]:
         return [BudgetSchedule(self.steps, self.adversarial)]

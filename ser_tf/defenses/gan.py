@@ -546,11 +546,9 @@ class GANTrainer(FoldTrainer):
                      quality["fd_generated_vs_real"], quality["fd_real_train_vs_real_held"])
         with open(quality_path) as f:
             self.quality = json.load(f)
-        self.steps = GANAugmentedSteps(self.model, self.gan, self.gan_cfg)
-        self.steps.compile(optimizer=self.model.optimizer, jit_compile=False)
 
-    def fit_model(self) -> TrainingSteps:
-        return self.steps
+    def make_steps(self) -> TrainingSteps:
+        return GANAugmentedSteps(self.model, self.gan, self.gan_cfg)
 
     def callbacks(self) -> list[keras.callbacks.Callback]:
         if self.gan_cfg.adversarial is None:

@@ -221,7 +221,7 @@ class FoldTrainer:
     """State and steps of one fold's training (see :func:`train_fold`).
 
     Other training methods (``ser_tf.defenses``) subclass it and override its extension
-    points: :meth:`fit_model` (the :class:`TrainingSteps` that :func:`run_epochs` runs),
+    points: :meth:`make_steps` (the :class:`TrainingSteps` that :func:`run_epochs` runs),
     :meth:`callbacks` (extra per-epoch work), :meth:`validate` (the model-selection score)
     and :meth:`hparams` (what TensorBoard's hparams dashboard shows).
 
@@ -266,6 +266,7 @@ class FoldTrainer:
             raise ValueError(f"{self.method_name} does not support --speaker_norm")
         distribute.check_batch(self.cfg.batch_size)
         keras.utils.set_random_seed(self.cfg.seed)
+        self._steps = None
         self.model: SERModel = build_model(self.model_cfg, self.classes, seed=self.cfg.seed)
         self.forward = tf.function(lambda x: self.model(x, training=False),
                                    reduce_retracing=True)
@@ -356,10 +357,17 @@ class FoldTrainer:
         return metrics, logits
 
     # -- extension points ----------------------------------------------------------------
-    def fit_model(self) -> TrainingSteps:
-        """The training steps (here plain cross-entropy on the SER model)."""
+    def make_steps(self) -> TrainingSteps:
+        """The training method's steps, uncompiled (here plain cross-entropy on the SER
+        model). Called once per :meth:`build`, by :attr:`steps`."""
+        return TrainingSteps(self.model)
+
+    @property
+    def steps(self) -> TrainingSteps:
+        """The fold's training steps (:meth:`make_steps`), made on first use and compiled
+        with the SER model's optimizer (use it in the strategy's scope)."""
         if self._steps is None:
-            self._steps = TrainingSteps(self.model)
+            self._steps = self.make_steps()
             self._steps.compile(optimizer=self.model.optimizer, jit_compile=False)
         return self._steps
 
@@ -561,7 +569,7 @@ def _fit(trainer: FoldTrainer) -> FoldTrainer:
                 *trainer.callbacks(),
                 _EpochState(trainer),
             ]
-            run_epochs(trainer.fit_model(), trainer.train_dataset(), epochs=cfg.epochs,
+            run_epochs(trainer.steps, trainer.train_dataset(), epochs=cfg.epochs,
                        initial_epoch=start, callbacks=callbacks, verbose=trainer.verbose)
         if os.path.exists(trainer.best_path):
             trainer.model.load_weights(trainer.best_path)
