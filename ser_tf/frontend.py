@@ -134,10 +134,56 @@ def projection_blocks(matrix: np.ndarray, max_weights: int = MAX_BLOCK_WEIGHTS
 
 def blocked_matmul(x: tf.Tensor, matrix: np.ndarray,
                    blocks: list[tuple[int, int, int, int]]) -> tf.Tensor:
-    """``x @ matrix`` computed block by block (see :func:`projection_blocks`)."""
-    parts = [tf.matmul(x[..., r0:r1], tf.constant(matrix[r0:r1, c0:c1]))
-             for c0, c1, r0, r1 in blocks]
-    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+    """``x @ matrix`` computed block by block (see :func:`projection_blocks`).
+
+    The gradient is one dense ``g @ matrix.T``: the automatic one would pad every block's
+    input gradient back to the full width and add them up.
+    """
+    @tf.custom_gradient
+    def product(x):
+        parts = [tf.matmul(x[..., r0:r1], tf.constant(matrix[r0:r1, c0:c1]))
+                 for c0, c1, r0, r1 in blocks]
+
+        def grad(g):
+            return tf.matmul(g, tf.constant(matrix), transpose_b=True)
+
+        return (parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)), grad
+
+    return product(x)
+
+
+def power_spectrum(waveform: tf.Tensor, frame_length: int, frame_step: int,
+                   fft_length: int) -> tf.Tensor:
+    """``|STFT|^2`` of ``[batch, samples]`` waveforms (periodic Hann window, frames not
+    centred; at least one frame long): ``[batch, frames, fft_length // 2 + 1]``.
+
+    The forward pass is ``tf.signal.stft`` (what TFLite converts). The gradient is written
+    out, because TensorFlow's automatic one (through the RFFT's generic gradient and the
+    framing's gather) costs twice the forward pass: with ``S = rfft(w * frame)`` and
+    ``P = |S|^2``, the gradient of a loss with ``dL/dP = g`` is, per frame,
+    ``dL/dframe = w * N * irfft(c * g * S)[:frame_length]`` (``N`` the FFT length, ``c``
+    2 at the DC and Nyquist bins and 1 elsewhere), and the frames' gradients overlap-add
+    onto the samples. First-order only (the gradient's own gradient is not derived).
+    """
+    bins = fft_length // 2 + 1
+    edges = np.ones(bins, np.complex64)
+    edges[0] = edges[-1] = 2.0
+
+    @tf.custom_gradient
+    def power(x):
+        spec = tf.signal.stft(x, frame_length, frame_step, fft_length,
+                              window_fn=tf.signal.hann_window, pad_end=False)
+
+        def grad(g):
+            window = tf.signal.hann_window(frame_length)
+            z = tf.cast(g, tf.complex64) * spec * tf.constant(edges)
+            frames = float(fft_length) * tf.signal.irfft(z, [fft_length])[..., :frame_length]
+            samples = tf.signal.overlap_and_add(frames * window, frame_step)
+            return tf.pad(samples, [[0, 0], [0, tf.shape(x)[-1] - tf.shape(samples)[-1]]])
+
+        return tf.math.real(spec) ** 2 + tf.math.imag(spec) ** 2, grad
+
+    return power(waveform)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -145,7 +191,8 @@ class LogMelFrontend(keras.layers.Layer):
     """Waveform ``[batch, samples]`` -> log-mel or MFCC features ``[batch, frames, bins, C]``.
 
     STFT with a periodic Hann window (``tf.signal.stft``, frames not centred: frame ``t``
-    covers samples ``[t * hop, t * hop + win)``), power spectrum, mel filterbank, natural log
+    covers samples ``[t * hop, t * hop + win)``), power spectrum (:func:`power_spectrum`,
+    whose gradient is written out for fast waveform attacks), mel filterbank, natural log
     with an additive floor, optionally a DCT to MFCCs, optionally delta and delta-delta as
     extra channels. Clips shorter than one frame are zero-padded to one frame. The mel and
     DCT projections run as small blocks (:func:`projection_blocks`): fewer multiply-adds,
@@ -212,9 +259,7 @@ class LogMelFrontend(keras.layers.Layer):
         waveform = tf.convert_to_tensor(waveform, tf.float32)
         short = tf.maximum(0, self.frame_length - tf.shape(waveform)[-1])
         waveform = tf.pad(waveform, [[0, 0], [0, short]])
-        spec = tf.signal.stft(waveform, self.frame_length, self.frame_step, self.fft_length,
-                              window_fn=tf.signal.hann_window, pad_end=False)
-        power = tf.math.real(spec) ** 2 + tf.math.imag(spec) ** 2
+        power = power_spectrum(waveform, self.frame_length, self.frame_step, self.fft_length)
         feats = tf.math.log(blocked_matmul(power, self._mel, self._mel_blocks) + self.log_floor)
         if self._dct is not None:
             feats = blocked_matmul(feats, self._dct, self._dct_blocks)

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from ser_tf.frontend import (MAX_BLOCK_WEIGHTS, FeatureNormalization, LogMelFrontend,
                              SpecAugment, blocked_matmul, dct_matrix, deltas, mel_filterbank,
-                             projection_blocks)
+                             power_spectrum, projection_blocks)
 from ser_tf.models.layers import ChunkEncoder
 
 
@@ -87,6 +87,53 @@ def test_frontend_handles_short_input_and_is_differentiable():
         y = tf.reduce_sum(layer(x))
     g = tape.gradient(y, x)
     assert g is not None and np.all(np.isfinite(g.numpy())) and np.any(g.numpy() != 0)
+
+
+def _autodiff_gradient(fn, x: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = fn(x)
+        loss = tf.reduce_sum(out * weights)
+    return out.numpy(), tape.gradient(loss, x).numpy()
+
+
+@pytest.mark.parametrize("rate, frame_ms, hop_ms, samples", [
+    (16000, 25.0, 10.0, 16037),  # 400-sample frames in a 512 FFT; trailing samples unused
+    (8000, 32.0, 16.0, 4096),    # frame = FFT length, half overlap
+    (16000, 25.0, 10.0, 400),    # a single frame
+])
+def test_power_spectrum_value_and_gradient_match_automatic_differentiation(
+        rate, frame_ms, hop_ms, samples):
+    layer = LogMelFrontend(rate, frame_ms=frame_ms, hop_ms=hop_ms)
+    n, hop, nfft = layer.frame_length, layer.frame_step, layer.fft_length
+    rng = np.random.default_rng(3)
+    x = (0.1 * rng.standard_normal((2, samples))).astype(np.float32)
+    g = rng.standard_normal((2, layer.num_frames(samples), nfft // 2 + 1)).astype(np.float32)
+
+    def reference(v):
+        spec = tf.signal.stft(v, n, hop, nfft, window_fn=tf.signal.hann_window, pad_end=False)
+        return tf.math.real(spec) ** 2 + tf.math.imag(spec) ** 2
+
+    want_p, want_g = _autodiff_gradient(reference, x, g)
+    got_p, got_g = _autodiff_gradient(lambda v: power_spectrum(v, n, hop, nfft), x, g)
+    np.testing.assert_array_equal(got_p, want_p)
+    assert got_g.shape == x.shape
+    np.testing.assert_allclose(got_g, want_g, atol=1e-5 * np.abs(want_g).max())
+    if samples > n:  # samples after the last frame get no gradient
+        last = (layer.num_frames(samples) - 1) * hop + n
+        assert not got_g[:, last:].any() and got_g[:, :last].any()
+
+
+def test_blocked_matmul_gradient_is_the_dense_products():
+    matrix = mel_filterbank(64, 512, 16000, 20.0, 8000.0)
+    rng = np.random.default_rng(4)
+    x = rng.random((2, 7, 257)).astype(np.float32)
+    g = rng.standard_normal((2, 7, 64)).astype(np.float32)
+    _, got = _autodiff_gradient(lambda v: blocked_matmul(v, matrix, projection_blocks(matrix)),
+                                x, g)
+    _, want = _autodiff_gradient(lambda v: tf.matmul(v, tf.constant(matrix)), x, g)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_feature_normalization_adapt_and_per_utterance():
