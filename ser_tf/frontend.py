@@ -12,6 +12,7 @@ delta-delta), so 2-D conv classifiers take them as images.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import keras
@@ -19,6 +20,22 @@ import numpy as np
 import tensorflow as tf
 
 _PACKAGE = "ser_tf"
+
+# Whether frontends traced now use the written-out gradients (see automatic_gradients).
+_written_gradients = True
+
+
+@contextlib.contextmanager
+def automatic_gradients():
+    """Frontends traced (or run eagerly) inside use TensorFlow's automatic gradients
+    instead of the written-out ones of :func:`power_spectrum` and :func:`blocked_matmul`;
+    the values are the same. For benchmarks and tests that compare the two."""
+    global _written_gradients
+    saved, _written_gradients = _written_gradients, False
+    try:
+        yield
+    finally:
+        _written_gradients = saved
 
 
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
@@ -139,17 +156,22 @@ def blocked_matmul(x: tf.Tensor, matrix: np.ndarray,
     The gradient is one dense ``g @ matrix.T``: the automatic one would pad every block's
     input gradient back to the full width and add them up.
     """
-    @tf.custom_gradient
     def product(x):
         parts = [tf.matmul(x[..., r0:r1], tf.constant(matrix[r0:r1, c0:c1]))
                  for c0, c1, r0, r1 in blocks]
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
 
+    if not _written_gradients:
+        return product(x)
+
+    @tf.custom_gradient
+    def with_gradient(x):
         def grad(g):
             return tf.matmul(g, tf.constant(matrix), transpose_b=True)
 
-        return (parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)), grad
+        return product(x), grad
 
-    return product(x)
+    return with_gradient(x)
 
 
 def power_spectrum(waveform: tf.Tensor, frame_length: int, frame_step: int,
@@ -165,14 +187,19 @@ def power_spectrum(waveform: tf.Tensor, frame_length: int, frame_step: int,
     2 at the DC and Nyquist bins and 1 elsewhere), and the frames' gradients overlap-add
     onto the samples. First-order only (the gradient's own gradient is not derived).
     """
-    bins = fft_length // 2 + 1
-    edges = np.ones(bins, np.complex64)
+    def stft(x):
+        return tf.signal.stft(x, frame_length, frame_step, fft_length,
+                              window_fn=tf.signal.hann_window, pad_end=False)
+
+    if not _written_gradients:
+        spec = stft(waveform)
+        return tf.math.real(spec) ** 2 + tf.math.imag(spec) ** 2
+    edges = np.ones(fft_length // 2 + 1, np.complex64)
     edges[0] = edges[-1] = 2.0
 
     @tf.custom_gradient
     def power(x):
-        spec = tf.signal.stft(x, frame_length, frame_step, fft_length,
-                              window_fn=tf.signal.hann_window, pad_end=False)
+        spec = stft(x)
 
         def grad(g):
             window = tf.signal.hann_window(frame_length)
