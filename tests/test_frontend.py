@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 from ser_tf.frontend import (MAX_BLOCK_WEIGHTS, FeatureNormalization, LogMelFrontend,
-                             SpecAugment, automatic_gradients, blocked_matmul, dct_matrix, deltas, mel_filterbank,
-                             power_spectrum, projection_blocks)
+                             SpecAugment, automatic_gradients, blocked_matmul, dct_matrix,
+                             deltas, mel_filterbank, power_spectrum, projection_blocks)
 from ser_tf.models.layers import ChunkEncoder
 
 
