@@ -143,6 +143,48 @@ def test_two_replicas_step_is_the_mean_of_the_two_half_batch_steps():
     assert result["relative_error"] < 1e-3, result
 
 
+def test_sparse_gradients_are_scaled_like_dense_ones():
+    """An embedding's gradient is ``IndexedSlices`` (the conditional GAN's label
+    embedding): over two replicas, :func:`distribute.minimize` must scale it like a dense
+    one, so that the update equals the single-device update of the whole batch."""
+    out = _python("""
+        import json
+        import numpy as np, tensorflow as tf, keras
+        from ser_tf.training import distribute
+        distribute.split_cpu(2)
+
+        ids = np.array([0, 1, 2, 1, 1, 0, 2, 2], "int32")
+
+        def update(strategy):
+            with strategy.scope():
+                table = tf.Variable(np.arange(6, dtype="float32").reshape(3, 2))
+                dense = tf.Variable(np.ones(2, "float32"))
+                opt = keras.optimizers.SGD(0.1)
+                opt.build([table, dense])
+
+            def step(i):
+                with tf.GradientTape(persistent=True) as tape:
+                    loss = tf.reduce_mean(tf.square(tf.gather(table, i) * dense))
+                assert isinstance(tape.gradient(loss, table), tf.IndexedSlices)
+                distribute.minimize(opt, tape, loss, [table, dense])
+
+            data = tf.data.Dataset.from_tensor_slices(ids).batch(len(ids))
+            if strategy.num_replicas_in_sync > 1:
+                data = strategy.experimental_distribute_dataset(data)
+            for batch in data:
+                tf.function(lambda b: strategy.run(step, args=(b,)))(batch)
+            return np.concatenate([table.numpy().ravel(), dense.numpy()])
+
+        two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        print(json.dumps({"mirrored": update(two).tolist(),
+                          "one": update(tf.distribute.get_strategy()).tolist()}))
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(result["mirrored"], result["one"], rtol=1e-5)
+    assert not np.allclose(result["one"], list(range(6)) + [1.0, 1.0])  # it did update
+
+
 @pytest.mark.slow
 def test_mirrored_training_agrees_with_one_device_for_every_trainer(manifest, tmp_path):
     script = """

@@ -192,8 +192,18 @@ def minimize(optimizer, tape: tf.GradientTape, loss: tf.Tensor, variables) -> No
     grads = tape.gradient(loss, variables)
     n = tf.distribute.get_strategy().num_replicas_in_sync
     if n > 1:
-        grads = [g if g is None else g * (1.0 / n) for g in grads]
+        grads = [_scaled(g, 1.0 / n) for g in grads]
     optimizer.apply_gradients(zip(grads, variables))
+
+
+def _scaled(grad, factor: float):
+    """A gradient times ``factor``: dense, sparse (``IndexedSlices``, e.g. an embedding's
+    rows) or None (a variable the loss does not reach)."""
+    if grad is None:
+        return None
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(grad.values * factor, grad.indices, grad.dense_shape)
+    return grad * factor
 
 
 def first_replica(value):
