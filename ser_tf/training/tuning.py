@@ -829,8 +829,8 @@ class Search:
         lines = override_lines(self.base_lines, {n: flag_value(v)
                                                  for n, v in best["hyperparameters"].items()})
         write_flagfile(flagfile, lines, header=[
-            f"ser-tune's best trial ({best_id} of {len(completed)} completed, {self.cfg.tuner} "
-            f"search in {self.workdir}):",
+            f"ser-tune's best trial: trial {best_id} ({len(completed)} trials completed, "
+            f"{self.cfg.tuner} search in {self.workdir}):",
             f"  objective {best['objective']:.4f} = {self.cfg.objective.description}",
             f"  clean validation UAR {best['val_uar']:.4f}, robust "
             f"{best['val_robust_uar']:.4f}",
