@@ -80,10 +80,10 @@ def _worker(args: argparse.Namespace) -> None:
                                                        weight_decay=cfg.train.weight_decay))
         steps = TrainingSteps(model)
         steps.compile(optimizer=model.optimizer)
-        data = distribute.for_replicas(training_dataset(
+        data = training_dataset(
             decoded, range(len(labels)), labels, segment_samples=segment,
             batch_size=args.batch_size, seed=0, augment=cfg.train.augment,
-            drop_remainder=True))
+            drop_remainder=True)
         examples = int(data.cardinality()) * args.batch_size
         times: list[float] = []
 

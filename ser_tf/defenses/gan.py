@@ -210,10 +210,7 @@ class AdversarialPair:
         start = int(self.step.numpy())
         if start >= self.steps_total:
             return
-        strategy = distribute.current()
-        if strategy.num_replicas_in_sync > 1:
-            data = strategy.experimental_distribute_dataset(distribute.for_replicas(data))
-        batches = iter(data)
+        batches = iter(distribute.distributed(data))
         bar = tqdm(total=self.steps_total, initial=start, desc=self.desc, unit="step",
                    disable=not progress)
         for step in range(start, self.steps_total):

@@ -220,13 +220,17 @@ def check_batch(batch_size: int, what: str = "--batch_size") -> None:
                          f"{n} replicas in sync")
 
 
-def for_replicas(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """A training dataset made ready for distribution: element-wise sharding over workers
-    (the data is in memory, there are no files to shard)."""
+def distributed(dataset: tf.data.Dataset):
+    """A training dataset as the current strategy's replicas take it: with more than one
+    replica, distributed over them with element-wise sharding over workers (the data is in
+    memory, there are no files to shard); otherwise the dataset itself."""
+    strategy = current()
+    if strategy.num_replicas_in_sync == 1:
+        return dataset
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA)
-    return dataset.with_options(options)
+    return strategy.experimental_distribute_dataset(dataset.with_options(options))
 
 
 def worker_dir(path: str) -> str:

@@ -175,11 +175,9 @@ def run_epochs(steps: TrainingSteps, dataset: tf.data.Dataset, *, epochs: int,
     over the strategy's replicas, each runs :meth:`TrainingSteps.train_step`, and the
     epoch's logs are the metrics aggregated over every replica.
     """
-    strategy = distribute.current()
     n_steps = int(dataset.cardinality())
     n_steps = n_steps if n_steps > 0 else None
-    data = (strategy.experimental_distribute_dataset(dataset)
-            if strategy.num_replicas_in_sync > 1 else dataset)
+    data = distribute.distributed(dataset)
     hooks = keras.callbacks.CallbackList(list(callbacks), add_progbar=verbose != 0,
                                          model=steps, verbose=verbose, epochs=epochs,
                                          steps=n_steps)
@@ -335,7 +333,7 @@ class FoldTrainer:
             weights = tf.constant(_class_weights(self.labels[self.fold.train],
                                                  len(self.classes)))
             ds = ds.map(lambda x, y: (x, y, tf.gather(weights, y)))
-        return distribute.for_replicas(ds)
+        return ds
 
     # -- evaluation ----------------------------------------------------------------------------
     def predict(self, indices: Sequence[int], desc: str) -> np.ndarray:
