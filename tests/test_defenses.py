@@ -300,6 +300,10 @@ def test_gan_trainer_mixes_generated_and_adversarial_examples_and_reports_the_ge
     assert np.isfinite(quality["fd_generated_vs_real"])
     for h in metrics["history"]:
         assert 0.0 <= h["gen_accuracy"] <= 1.0 and 0.0 <= h["adv_accuracy"] <= 1.0
+        # Selected as adversarial training is: on clean and robust validation UAR.
+        assert 0.0 <= h["val_robust_uar"] <= 1.0
+        assert h["score"] == pytest.approx(0.5 * h["val_uar"] + 0.5 * h["val_robust_uar"])
+    assert {"epoch_robust_uar", "epoch_score"} <= _tags(cfg.workdir, "tb", "val")
     assert metrics["gan"]["config"]["adversarial"]["method"] == "fast"
     assert os.path.exists(os.path.join(cfg.workdir, "gan", "quality.json"))
     assert keras.saving.load_model(os.path.join(cfg.workdir, "model.keras")).purifier is None

@@ -253,46 +253,29 @@ class AdversarialSteps(TrainingSteps):
         return {m.name: m.result() for m in self.metrics}
 
 
-class AdversarialTrainer(FoldTrainer):
-    """A fold trained adversarially (see the module docstring)."""
+class RobustSelection:
+    """Robust model selection for a :class:`FoldTrainer` that trains adversarially.
 
-    def __init__(self, *args, adversarial: AdversarialConfig, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.adversarial = adversarial
-        self._val_clips: tuple[np.ndarray, np.ndarray] | None = None
+    Mixed in before ``FoldTrainer``: after every epoch, besides the clean validation UAR,
+    the validation speakers' central clips are attacked with PGD (``val_steps`` steps) at
+    the full training budget, and the model is selected on ``(1 - robust_weight) * clean
+    UAR + robust_weight * robust UAR``; both go to TensorBoard and the epoch history.
+    Subclasses say which :class:`AdversarialConfig` applies (``robust_config``); with none,
+    selection stays on the clean validation UAR.
+    """
 
-    method_name = "adversarial training"
-    supports_speaker_norm = False
+    _val_clips: tuple[np.ndarray, np.ndarray] | None = None
+
+    def robust_config(self) -> AdversarialConfig | None:
+        raise NotImplementedError
 
     def build(self) -> None:
         super().build()
         self.val_attack = tf.function(self._attack_batch, reduce_retracing=True)
 
-    def restore(self) -> bool:
-        resumed = super().restore()
-        # The crafter of the resumed epoch's budget (not only its label).
-        self.steps.set_budget(self.adversarial.budget_at(self.state["epoch"]))
-        return resumed
-
-    def make_steps(self) -> TrainingSteps:
-        return AdversarialSteps(self.model, self.adversarial)
-
-    def callbacks(self) -> list[keras.callbacks.Callback]:
-        return [BudgetSchedule(self.steps, self.adversarial)]
-
-    def describe(self) -> dict:
-        return {"adversarial_training": {**dataclasses.asdict(self.adversarial),
-                                         "budget": self.adversarial.budget.to_dict()}}
-
-    def hparams(self) -> dict:
-        adv = {f"adv_{k}": v for k, v in dataclasses.asdict(self.adversarial).items()
-               if k != "budget"}
-        adv["adv_budget"] = self.adversarial.budget.label
-        return {**super().hparams(), **adv}
-
     def _attack_batch(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         """Predictions under validation PGD at the full budget (true labels)."""
-        cfg = self.adversarial
+        cfg = self.robust_config()
         if cfg.domain == "waveform":
             def target(v):
                 return self.model(v, training=False)
@@ -323,18 +306,57 @@ class AdversarialTrainer(FoldTrainer):
 
     def validate(self, epoch: int, logs: dict) -> tuple[float, dict, dict]:
         score, val, extra = super().validate(epoch, logs)
+        cfg = self.robust_config()
+        if cfg is None:
+            return score, val, extra
         extra = {**extra, "budget": self.steps.budget.label}
         if not self.fold.val:
             return score, val, extra
         y = self.labels[np.asarray(self.fold.val)]
         robust = classification_metrics(y, self.robust_predictions(self.fold.val),
                                         self.classes)
-        w = self.adversarial.robust_weight
+        w = cfg.robust_weight
         score = (1.0 - w) * val["uar"] + w * robust["uar"]
         extra.update(val_robust_uar=robust["uar"], val_robust_accuracy=robust["accuracy"])
         with self.val_writer.as_default(step=epoch + 1):
             tf.summary.scalar("epoch_robust_uar", robust["uar"],
-                              description=f"PGD-{self.adversarial.val_steps} at "
-                                          f"{self.adversarial.budget.label}, central clips")
+                              description=f"PGD-{cfg.val_steps} at "
+                                          f"{cfg.budget.label}, central clips")
             tf.summary.scalar("epoch_robust_accuracy", robust["accuracy"])
         return score, val, extra
+
+
+class AdversarialTrainer(RobustSelection, FoldTrainer):
+    """A fold trained adversarially (see the module docstring)."""
+
+    def __init__(self, *args, adversarial: AdversarialConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adversarial = adversarial
+
+    method_name = "adversarial training"
+    supports_speaker_norm = False
+
+    def robust_config(self) -> AdversarialConfig:
+        return self.adversarial
+
+    def restore(self) -> bool:
+        resumed = super().restore()
+        # The crafter of the resumed epoch's budget (not only its label).
+        self.steps.set_budget(self.adversarial.budget_at(self.state["epoch"]))
+        return resumed
+
+    def make_steps(self) -> TrainingSteps:
+        return AdversarialSteps(self.model, self.adversarial)
+
+    def callbacks(self) -> list[keras.callbacks.Callback]:
+        return [BudgetSchedule(self.steps, self.adversarial)]
+
+    def describe(self) -> dict:
+        return {"adversarial_training": {**dataclasses.asdict(self.adversarial),
+                                         "budget": self.adversarial.budget.to_dict()}}
+
+    def hparams(self) -> dict:
+        adv = {f"adv_{k}": v for k, v in dataclasses.asdict(self.adversarial).items()
+               if k != "budget"}
+        adv["adv_budget"] = self.adversarial.budget.label
+        return {**super().hparams(), **adv}

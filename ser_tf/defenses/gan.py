@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 
 from ser_tf.attacks.budget import Budget
 from ser_tf.data.pipeline import central_clips, training_dataset
-from ser_tf.defenses.adversarial import AdversarialConfig, BudgetSchedule, compiled_crafter
+from ser_tf.defenses.adversarial import (AdversarialConfig, BudgetSchedule, RobustSelection,
+                                         compiled_crafter)
 from ser_tf.evaluation.report import png_to_tensor, spectrograms_png
 from ser_tf.training import distribute
 from ser_tf.training.standard import FoldTrainer, TrainingSteps
@@ -487,8 +488,13 @@ class GANAugmentedSteps(TrainingSteps):
         return {m.name: m.result() for m in self.metrics}
 
 
-class GANTrainer(FoldTrainer):
-    """A fold trained with GAN-generated feature maps mixed in (see the module docstring)."""
+class GANTrainer(RobustSelection, FoldTrainer):
+    """A fold trained with GAN-generated feature maps mixed in (see the module docstring).
+
+    With adversarial examples (``GANConfig.adversarial``) the model is selected as in
+    adversarial training, on clean and PGD validation UAR (:class:`RobustSelection`);
+    without, on clean validation UAR.
+    """
 
     def __init__(self, *args, gan: GANConfig, **kwargs):
         super().__init__(*args, **kwargs)
@@ -543,6 +549,9 @@ class GANTrainer(FoldTrainer):
                      quality["fd_generated_vs_real"], quality["fd_real_train_vs_real_held"])
         with open(quality_path) as f:
             self.quality = json.load(f)
+
+    def robust_config(self) -> AdversarialConfig | None:
+        return self.gan_cfg.adversarial
 
     def make_steps(self) -> TrainingSteps:
         return GANAugmentedSteps(self.model, self.gan, self.gan_cfg)
