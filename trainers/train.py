@@ -97,10 +97,13 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_float("stats_dropout", 0.5, "Dropout on the standardised functionals.",
                        flag_values=fv)
     # -- training ------------------------------------------------------------------------------
-    flags.DEFINE_enum("trainer", "standard", ["standard", "adversarial", "gan", "purifier"],
+    flags.DEFINE_enum("trainer", "standard",
+                      ["standard", "adversarial", "gan", "purifier", "convex"],
                       "Training method: standard; adversarial (--adv_* flags); gan: "
                       "GAN-augmented (--gan_* flags); purifier: standard, then a GAN "
-                      "purifier in front of the classifier (--purifier_* flags).",
+                      "purifier in front of the classifier (--purifier_* flags); convex: "
+                      "--model=functionals' linear head fitted as L2-regularised softmax "
+                      "regression along a path of --convex_c values (no gradient epochs).",
                       flag_values=fv)
     flags.DEFINE_integer("epochs", 40, "Maximum epochs.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 32, "Batch size.", flag_values=fv)
@@ -199,6 +202,12 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                        flag_values=fv)
     flags.DEFINE_float("purifier_cls_weight", 1.0, "Weight of the frozen classifier's "
                        "cross-entropy on purified features (0: off).", flag_values=fv)
+    # -- convex head fit (--trainer=convex) ------------------------------------------------
+    flags.DEFINE_list("convex_c", ["0.001", "0.003", "0.01", "0.03", "0.1", "0.3", "1"],
+                      "Inverse L2 strengths C of the regularisation path, increasing; each "
+                      "point is validated and selected on as an epoch is.", flag_values=fv)
+    flags.DEFINE_integer("convex_max_iterations", 5000, "L-BFGS iterations per point.",
+                         flag_values=fv)
     # -- output --------------------------------------------------------------------------------
     flags.DEFINE_string("workdir", None, "Output folder (created; re-running resumes).",
                         flag_values=fv)
@@ -260,7 +269,7 @@ def build_config(fv: flags.FlagValues = FLAGS):
 def _method_config(fv: flags.FlagValues):
     """The training method's own configuration from its flags (None for standard)."""
     from ser_tf.attacks.budget import Budget
-    from ser_tf.defenses import AdversarialConfig, GANConfig, PurifierConfig
+    from ser_tf.defenses import AdversarialConfig, ConvexConfig, GANConfig, PurifierConfig
 
     def adversarial():
         return AdversarialConfig(
@@ -276,6 +285,12 @@ def _method_config(fv: flags.FlagValues):
                          critic_steps=fv.gan_critic_steps, batch_size=fv.gan_batch_size,
                          learning_rate=fv.gan_learning_rate, ratio=fv.gan_ratio,
                          adversarial=adversarial() if fv.gan_adversarial else None)
+    if fv.trainer == "convex":
+        try:
+            c_values = tuple(float(c) for c in fv.convex_c)
+        except ValueError:
+            raise ValueError(f"--convex_c must be numbers, got {fv.convex_c}")
+        return ConvexConfig(c_values=c_values, max_iterations=fv.convex_max_iterations)
     if fv.trainer == "purifier":
         return PurifierConfig(
             width=fv.purifier_width, steps=fv.purifier_steps,

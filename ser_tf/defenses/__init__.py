@@ -1,4 +1,6 @@
-"""Defended training: adversarial training, GAN-augmented training and a GAN purifier.
+"""Defended training: adversarial training, GAN-augmented training and a GAN purifier; and
+the registry of every training method (with the convex head fit of
+:mod:`ser_tf.training.convex`).
 
 Each method is a fold trainer with the standard trainer's outputs and resume behaviour
 (:mod:`ser_tf.training.standard`), composed with the project's attacks
@@ -14,6 +16,7 @@ import functools
 from ser_tf.defenses.adversarial import AdversarialConfig, AdversarialTrainer
 from ser_tf.defenses.gan import GANConfig, GANTrainer
 from ser_tf.defenses.purifier import PurifierConfig, PurifierTrainer
+from ser_tf.training.convex import ConvexConfig, ConvexTrainer
 from ser_tf.training.experiment import ExperimentConfig, Trainer
 from ser_tf.training.standard import train_fold
 
@@ -22,6 +25,7 @@ METHODS = {
     "adversarial": (AdversarialConfig, AdversarialTrainer, "adversarial"),
     "gan": (GANConfig, GANTrainer, "gan"),
     "purifier": (PurifierConfig, PurifierTrainer, "purifier"),
+    "convex": (ConvexConfig, ConvexTrainer, "convex"),
 }
 TRAINERS = ("standard", *METHODS)
 
@@ -46,5 +50,5 @@ def fold_trainer(cfg: ExperimentConfig) -> Trainer:
         trainer_type, **{keyword: method}))
 
 
-__all__ = ["AdversarialConfig", "GANConfig", "METHODS", "PurifierConfig", "TRAINERS",
-           "fold_trainer"]
+__all__ = ["AdversarialConfig", "ConvexConfig", "GANConfig", "METHODS", "PurifierConfig",
+           "TRAINERS", "fold_trainer"]

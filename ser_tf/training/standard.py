@@ -218,10 +218,11 @@ class _EpochState(keras.callbacks.Callback):
 class FoldTrainer:
     """State and steps of one fold's training (see :func:`train_fold`).
 
-    Other training methods (``ser_tf.defenses``) subclass it and override its extension
-    points: :meth:`make_steps` (the :class:`TrainingSteps` that :func:`run_epochs` runs),
-    :meth:`callbacks` (extra per-epoch work), :meth:`validate` (the model-selection score)
-    and :meth:`hparams` (what TensorBoard's hparams dashboard shows).
+    Other training methods (``ser_tf.defenses``, ``ser_tf.training.convex``) subclass it
+    and override its extension points: :meth:`make_steps` (the :class:`TrainingSteps`
+    that :func:`run_epochs` runs), :meth:`callbacks` (extra per-epoch work), :meth:`train`
+    (the epoch loop itself), :meth:`validate` (the model-selection score) and
+    :meth:`hparams` (what TensorBoard's hparams dashboard shows).
 
     Under a distribution strategy (``cfg.strategy``) the models, optimizers and training
     steps are built in its scope. ``workdir`` is where this process writes: the fold's
@@ -372,6 +373,18 @@ class FoldTrainer:
     def callbacks(self) -> list[keras.callbacks.Callback]:
         """Callbacks run before the per-epoch validation and checkpoint."""
         return []
+
+    def train(self, start: int) -> None:
+        """Trains from epoch ``start`` (0-based) to ``cfg.epochs`` or early stopping; every
+        epoch ends in :meth:`end_epoch` (here :func:`run_epochs` over :attr:`steps`)."""
+        callbacks = [
+            keras.callbacks.TensorBoard(os.path.join(self.workdir, "tb"),
+                                        write_graph=False, profile_batch=0),
+            *self.callbacks(),
+            _EpochState(self),
+        ]
+        run_epochs(self.steps, self.train_dataset(), epochs=self.cfg.epochs,
+                   initial_epoch=start, callbacks=callbacks, verbose=self.verbose)
 
     def prepare(self) -> None:
         """Work after the normaliser is adapted (or restored) and before the first step
@@ -561,14 +574,7 @@ def _fit(trainer: FoldTrainer) -> FoldTrainer:
         trainer.prepare()
         start = trainer.state["epoch"]
         if start < cfg.epochs and not trainer.should_stop():
-            callbacks = [
-                keras.callbacks.TensorBoard(os.path.join(trainer.workdir, "tb"),
-                                            write_graph=False, profile_batch=0),
-                *trainer.callbacks(),
-                _EpochState(trainer),
-            ]
-            run_epochs(trainer.steps, trainer.train_dataset(), epochs=cfg.epochs,
-                       initial_epoch=start, callbacks=callbacks, verbose=trainer.verbose)
+            trainer.train(start)
         if os.path.exists(trainer.best_path):
             trainer.model.load_weights(trainer.best_path)
     return trainer
