@@ -206,7 +206,8 @@ class ConvexTrainer(FoldTrainer):
         bn = self.model.classifier.get_layer("functionals_bn")
         mean, var = x.mean(axis=0), x.var(axis=0)
         bn.set_weights([np.ones_like(mean), np.zeros_like(mean), mean, var])
-        z = (x - mean) / np.sqrt(var + bn.epsilon)
+        # The standardised functionals the head sees: the layer itself computes them.
+        z = bn(tf.constant(x, tf.float32), training=False).numpy()
         weights = (_class_weights(y, len(self.classes))[y] if self.cfg.class_weighting
                    else np.ones(len(y), np.float32))
         dense = self.model.classifier.get_layer("logits")
