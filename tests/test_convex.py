@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import glob
 import json
 import os
 
@@ -10,7 +12,9 @@ import numpy as np
 import pytest
 
 from ser_tf.data.audio import AudioConfig
+from ser_tf.data.corpora import manifest as read_manifest
 from ser_tf.data.corpora import write_manifest
+from ser_tf.data.pipeline import decode_corpus, waveforms
 from ser_tf.defenses import fold_trainer
 from ser_tf.models import ModelConfig
 from ser_tf.training.convex import ConvexConfig, fit_softmax_regression
@@ -69,12 +73,15 @@ def manifest(synthetic_corpus, tmp_path_factory):
     return str(path)
 
 
-def _experiment(manifest, workdir, model=FUNCTIONALS, refit=False) -> ExperimentConfig:
+def _experiment(manifest, workdir, model=FUNCTIONALS, refit=False, whole=False,
+                speaker_norm=False) -> ExperimentConfig:
     return ExperimentConfig(workdir=str(workdir), corpus="manifest", data_dir=manifest,
                             protocol="speakers", test_speakers=("s01",), val_speakers=1,
                             audio=AudioConfig(), model=model, trainer="convex",
                             method=ConvexConfig(c_values=(0.01, 0.1, 1.0)),
-                            train=TrainConfig(epochs=40, patience=0, refit=refit),
+                            train=TrainConfig(epochs=40, patience=0, refit=refit,
+                                              eval_whole=whole, eval_hop_s=0.25,
+                                              speaker_norm=speaker_norm),
                             verbose=0)
 
 
@@ -136,3 +143,29 @@ def test_convex_flags_build_the_method(tmp_path):
     fv(["ser-train", "--trainer=convex", "--convex_c=0.1,abc", f"--workdir={tmp_path}"])
     with pytest.raises(ValueError, match="--convex_c"):
         train._method_config(fv)
+
+
+def test_eval_whole_fits_and_scores_each_utterance_at_its_own_length(manifest, tmp_path):
+    cfg = _experiment(manifest, tmp_path / "w", whole=True)
+    metrics = run_experiment(cfg, fold_trainer(cfg))
+    assert metrics["uar"] > 0.0
+    # With per-speaker normalisation the fit sees other functionals, and says so.
+    norm = _experiment(manifest, tmp_path / "n", whole=True, speaker_norm=True)
+    normed = run_experiment(norm, fold_trainer(norm))
+    assert normed["speaker_normalization"].startswith("PER-SPEAKER")
+    assert normed["history"][0]["loss"] != metrics["history"][0]["loss"]
+    model = keras.saving.load_model(os.path.join(cfg.workdir, "model.keras"))
+    (path,) = glob.glob(os.path.join(cfg.workdir, "**", "predictions.csv"), recursive=True)
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    by_path = {u.path: u for u in read_manifest(manifest)}
+    corpus = decode_corpus([by_path[r["path"]] for r in rows], cfg.audio, progress=False)
+    waves = waveforms(corpus, range(len(rows)))
+    # Longer than the model's 0.5 s windows (windowed evaluation would average several),
+    # and than the 0.25 s evaluation hop (no utterance is extended).
+    assert max(len(w) for w in waves) > 2 * model.segment_samples
+    assert min(len(w) for w in waves) > model.sample_rate // 4
+    for row, wave in zip(rows, waves):
+        whole = model(wave[None], training=False).numpy()[0]
+        logged = np.array([float(row[f"logit_{c}"]) for c in model.labels])
+        np.testing.assert_allclose(logged, whole, atol=2e-3)

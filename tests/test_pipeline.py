@@ -238,6 +238,33 @@ def test_evaluation_windows_cover_every_utterance(tone_corpus):
     np.testing.assert_allclose(first[:8000], first[8000:16000], atol=1e-6)
 
 
+@pytest.mark.parametrize("pad_mode", ["loop", "zero"])
+def test_whole_evaluation_gives_each_utterance_at_its_own_length(tone_corpus, pad_mode):
+    corpus, _ = tone_corpus
+    idx = [4, 0, 2]
+    hop = 12000  # longer than utterance 0 (0.5 s): only that one is extended
+    ds, total = evaluation_dataset(corpus, idx, segment_samples=16000, hop_samples=hop,
+                                   batch_size=4, pad_mode=pad_mode, whole=True)
+    got = {int(p.numpy()[0]): w.numpy()[0] for p, w in ds}
+    assert total == 3 and sorted(got) == [0, 1, 2]
+    for pos in (0, 2):
+        assert got[pos].shape == (int(corpus.lengths[idx[pos]]),)
+    wave, n = got[1], int(corpus.lengths[0])
+    if pad_mode == "loop":  # whole repeats, at least one hop
+        assert len(wave) == 2 * n >= hop
+        np.testing.assert_array_equal(wave[n:], wave[:n])
+    else:
+        assert len(wave) == hop
+        np.testing.assert_array_equal(wave[n:], np.zeros(hop - n, np.float32))
+    # Per-speaker statistics ride along as they do with windows.
+    mean = np.arange(len(corpus), dtype=np.float32)[:, None, None] * np.ones((1, 2, 1))
+    ds, _ = evaluation_dataset(corpus, idx, segment_samples=16000, hop_samples=hop,
+                               batch_size=4, norm_stats=(mean, mean + 1), whole=True)
+    for p, x in ds:
+        assert x["norm_mean"].shape == (1, 2, 1)
+        assert float(x["norm_mean"][0, 0, 0]) == idx[int(p[0])]
+
+
 def test_frozen_config_is_hashable():
     assert dataclasses.replace(AugmentConfig(), gain_db=1.0).enabled
 

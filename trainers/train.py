@@ -121,6 +121,10 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_float("eval_hop_s", 1.0, "Hop between evaluation windows (s).", flag_values=fv)
     flags.DEFINE_enum("pad_mode", "loop", ["loop", "zero"], "Extend short clips by looping or "
                       "zero padding.", flag_values=fv)
+    flags.DEFINE_bool("eval_whole", False, "Evaluate each utterance whole, at its own length, "
+                      "instead of averaging fixed windows' logits (length-free models such as "
+                      "--model=functionals; --trainer=convex also fits on whole utterances).",
+                      flag_values=fv)
     flags.DEFINE_float("aug_gain_db", 0.0, "Random gain range (+-dB).", flag_values=fv)
     flags.DEFINE_list("aug_noise_snr", [], "Additive white noise SNR range, e.g. 10,30 (dB).",
                       flag_values=fv)
@@ -251,7 +255,8 @@ def build_config(fv: flags.FlagValues = FLAGS):
                         learning_rate=fv.learning_rate, weight_decay=fv.weight_decay,
                         warmup_epochs=fv.warmup_epochs, patience=fv.patience,
                         class_weighting=fv.class_weighting, seed=fv.seed,
-                        eval_hop_s=fv.eval_hop_s, pad_mode=fv.pad_mode, augment=augment,
+                        eval_hop_s=fv.eval_hop_s, pad_mode=fv.pad_mode,
+                        eval_whole=fv.eval_whole, augment=augment,
                         deterministic=fv.deterministic, speaker_norm=fv.speaker_norm,
                         refit=fv.refit, strategy=fv.strategy)
     method = _method_config(fv)

@@ -486,19 +486,24 @@ def utterance_windows(wave: tf.Tensor, segment_samples: int, hop_samples: int,
 def evaluation_dataset(corpus: DecodedCorpus, indices: Sequence[int], *, segment_samples: int,
                        hop_samples: int, batch_size: int,
                        pad_mode: str = "loop",
-                       norm_stats: tuple[np.ndarray, np.ndarray] | None = None
-                       ) -> tuple[tf.data.Dataset, int]:
-    """All fixed-length windows of every utterance of a split.
+                       norm_stats: tuple[np.ndarray, np.ndarray] | None = None,
+                       whole: bool = False) -> tuple[tf.data.Dataset, int]:
+    """All fixed-length windows of every utterance of a split, or each utterance whole.
 
     Args:
       corpus: the decoded corpus.
       indices: utterance indices of the split; output positions follow this order.
       segment_samples: window length.
       hop_samples: hop between windows.
-      batch_size: windows per batch.
+      batch_size: windows per batch (1 when ``whole``: the lengths differ).
       pad_mode: how utterances shorter than a window are extended.
       norm_stats: per-utterance ``(mean, variance)`` for per-speaker normalisation (windows
         then come as dicts, as in :func:`training_dataset`).
+      whole: one input per utterance, the whole utterance at its own length, for models
+        whose classifier reads any number of frames (utterance functionals): a window's
+        loop padding repeats the utterance and so changes its slope and delta statistics.
+        Only utterances shorter than ``hop_samples`` are extended (with ``pad_mode``), so
+        that every input has frames enough for the deltas.
 
     Returns:
       ``(dataset, num_windows)``: the dataset yields ``(positions [B], windows [B, S])``,
@@ -512,9 +517,15 @@ def evaluation_dataset(corpus: DecodedCorpus, indices: Sequence[int], *, segment
         raise ValueError("hop_samples must be positive")
     position = np.full(len(corpus), -1, np.int32)
     position[indices] = np.arange(indices.size)
+    position_t = tf.constant(position)
+    if whole:
+        def utterance(i, wave):
+            extended = _extend(wave, hop_samples, pad_mode)
+            return tf.gather(position_t, i)[None], attach(i[None], extended[None])
+
+        return _select(corpus, indices).map(utterance).prefetch(AUTOTUNE), int(indices.size)
     starts = [window_starts(int(corpus.lengths[i]), segment_samples, hop_samples)
               for i in indices]
-    position_t = tf.constant(position)
 
     def windows(i, wave):
         pos = tf.gather(position_t, i)
@@ -539,7 +550,7 @@ def _stats_attacher(norm_stats: tuple[np.ndarray, np.ndarray] | None):
 
 
 def speaker_feature_stats(corpus: DecodedCorpus, feature_fn, *, segment_samples: int,
-                          hop_samples: int, pad_mode: str = "loop"
+                          hop_samples: int, pad_mode: str = "loop", whole: bool = False
                           ) -> tuple[np.ndarray, np.ndarray]:
     """Per-speaker feature mean and variance, broadcast to each of the speaker's utterances.
 
@@ -554,6 +565,7 @@ def speaker_feature_stats(corpus: DecodedCorpus, feature_fn, *, segment_samples:
       segment_samples: window length.
       hop_samples: window hop.
       pad_mode: how short utterances are extended.
+      whole: read each utterance whole (see :func:`evaluation_dataset`).
 
     Returns:
       ``(mean, variance)``, each ``[len(corpus), bins, C]`` float32.
@@ -563,7 +575,8 @@ def speaker_feature_stats(corpus: DecodedCorpus, feature_fn, *, segment_samples:
     for spk in speakers:
         idx = [i for i, u in enumerate(corpus.utterances) if u.speaker == spk]
         ds, _ = evaluation_dataset(corpus, idx, segment_samples=segment_samples,
-                                   hop_samples=hop_samples, batch_size=64, pad_mode=pad_mode)
+                                   hop_samples=hop_samples, batch_size=64, pad_mode=pad_mode,
+                                   whole=whole)
         batches = [np.asarray(feature_fn(w)) for _, w in ds]
         feats = np.concatenate([b.reshape((-1,) + b.shape[2:]) for b in batches])
         if mean is None:

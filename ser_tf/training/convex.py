@@ -8,7 +8,9 @@ head's best weights are the solution of a convex problem, the classical recipe o
 functionals-based SER (openSMILE features and a linear classifier):
 
 1. every training utterance's functionals, averaged over its evaluation windows (the head
-   is affine, so this is exactly the utterance logits the evaluation averages);
+   is affine, so this is exactly the utterance logits the evaluation averages), or of the
+   whole utterance with ``--eval_whole`` (no loop padding: on EmoDB that is worth about
+   0.05 of strict LOSO UAR, see BENCHMARKS.md);
 2. the standardiser set to their mean and variance;
 3. for each regularisation strength ``C`` of a path from strong to weak, the head fitted to
    the optimum of ``C * sum_i s_i * xent_i + |W|^2 / 2`` (``s_i`` the balanced class
@@ -176,7 +178,6 @@ class ConvexTrainer(FoldTrainer):
         self._solution: SoftmaxFit | None = None
 
     method_name = "the convex head fit"
-    supports_speaker_norm = False
 
     def build(self) -> None:
         super().build()
@@ -189,10 +190,12 @@ class ConvexTrainer(FoldTrainer):
                                         reduce_retracing=True)
 
     def utterance_functionals(self, indices: Sequence[int]) -> np.ndarray:
-        """``[len(indices), D]``: each utterance's functionals, averaged over its windows."""
+        """``[len(indices), D]``: each utterance's functionals, averaged over its windows
+        (or of the whole utterance, with ``eval_whole``)."""
         ds, n_win = evaluation_dataset(self.corpus, indices, segment_samples=self.segment,
                                        hop_samples=self.hop, batch_size=64,
-                                       pad_mode=self.cfg.pad_mode)
+                                       pad_mode=self.cfg.pad_mode, norm_stats=self.norm_stats,
+                                       whole=self.cfg.eval_whole)
         return predict_utterances(self._functionals, ds, len(indices), n_win,
                                   progress=self.verbose == 1, desc="functionals")
 

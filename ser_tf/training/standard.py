@@ -67,6 +67,10 @@ class TrainConfig:
       seed: seed for weights, shuffling, crops and augmentation.
       eval_hop_s: hop between evaluation windows in seconds.
       pad_mode: ``loop`` or ``zero`` for clips shorter than a window.
+      eval_whole: evaluate each utterance whole, as one input of its own length, instead
+        of averaging the logits of fixed windows (for length-free classifiers such as the
+        functionals model; see :func:`ser_tf.data.pipeline.evaluation_dataset`). The
+        normaliser's statistics come from whole training utterances too.
       augment: waveform augmentation for training crops.
       deterministic: enable TF op determinism (same seed, same numbers).
       speaker_norm: per-speaker feature normalisation: every speaker, test speakers
@@ -88,6 +92,7 @@ class TrainConfig:
     seed: int = 0
     eval_hop_s: float = 1.0
     pad_mode: str = "loop"
+    eval_whole: bool = False
     augment: AugmentConfig = AugmentConfig()
     deterministic: bool = True
     speaker_norm: bool = False
@@ -292,8 +297,9 @@ class FoldTrainer:
         self.norm_stats = None
         if self.cfg.speaker_norm:
             self.norm_stats = speaker_feature_stats(
-                self.corpus, tf.function(self.model.frontend), segment_samples=self.segment,
-                hop_samples=self.hop, pad_mode=self.cfg.pad_mode)
+                self.corpus, tf.function(self.model.frontend, reduce_retracing=True),
+                segment_samples=self.segment, hop_samples=self.hop, pad_mode=self.cfg.pad_mode,
+                whole=self.cfg.eval_whole)
 
     def restore(self) -> bool:
         """Resumes from the chief's last finished epoch if a checkpoint exists."""
@@ -316,11 +322,12 @@ class FoldTrainer:
         return True
 
     def adapt_normalizer(self) -> None:
-        """Feature statistics from every window of the training speakers only."""
+        """Feature statistics from every window (or whole utterance) of the training
+        speakers only."""
         ds, _ = evaluation_dataset(self.corpus, self.fold.train, segment_samples=self.segment,
                                    hop_samples=self.hop, batch_size=64,
-                                   pad_mode=self.cfg.pad_mode)
-        frontend = tf.function(self.model.frontend)
+                                   pad_mode=self.cfg.pad_mode, whole=self.cfg.eval_whole)
+        frontend = tf.function(self.model.frontend, reduce_retracing=True)
         self.model.normalizer.adapt(frontend(w) for _, w in ds)
 
     def train_dataset(self) -> tf.data.Dataset:
@@ -344,7 +351,8 @@ class FoldTrainer:
         if key not in self._eval_sets:
             self._eval_sets[key] = evaluation_dataset(
                 self.corpus, indices, segment_samples=self.segment, hop_samples=self.hop,
-                batch_size=64, pad_mode=self.cfg.pad_mode, norm_stats=self.norm_stats)
+                batch_size=64, pad_mode=self.cfg.pad_mode, norm_stats=self.norm_stats,
+                whole=self.cfg.eval_whole)
         ds, n_win = self._eval_sets[key]
         return predict_utterances(self.forward, ds, len(indices), n_win,
                                   progress=self.verbose == 1, desc=desc)
