@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from ser_tf.data.pipeline import evaluation_dataset
 from ser_tf.evaluation.predict import predict_utterances
-from ser_tf.training.standard import FoldTrainer, _class_weights
+from ser_tf.training.standard import FoldTrainer, class_weights
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class ConvexTrainer(FoldTrainer):
         bn.set_weights([np.ones_like(mean), np.zeros_like(mean), mean, var])
         # The standardised functionals the head sees: the layer itself computes them.
         z = bn(tf.constant(x, tf.float32), training=False).numpy()
-        weights = (_class_weights(y, len(self.classes))[y] if self.cfg.class_weighting
+        weights = (class_weights(y, len(self.classes))[y] if self.cfg.class_weighting
                    else np.ones(len(y), np.float32))
         dense = self.model.classifier.get_layer("logits")
         for epoch in range(start, points):

@@ -112,7 +112,9 @@ def write_predictions(path: str, utterances: Sequence, y_true: np.ndarray, logit
                              classes[int(np.argmax(lg))]] + [f"{v:.5f}" for v in lg])
 
 
-def _class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Balanced per-class weights ``n / (k * n_c)`` (scikit-learn's "balanced"); 0 for a
+    class absent from ``labels``."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
     return weights.astype(np.float32)
@@ -338,8 +340,8 @@ class FoldTrainer:
                               pad_mode=self.cfg.pad_mode, norm_stats=self.norm_stats,
                               drop_remainder=distribute.replicas() > 1)
         if self.cfg.class_weighting:
-            weights = tf.constant(_class_weights(self.labels[self.fold.train],
-                                                 len(self.classes)))
+            weights = tf.constant(class_weights(self.labels[self.fold.train],
+                                                len(self.classes)))
             ds = ds.map(lambda x, y: (x, y, tf.gather(weights, y)))
         return ds
 
