@@ -419,6 +419,45 @@ def test_purifier_trainer_puts_a_trained_purifier_into_the_saved_model(manifest,
             "clean_adversarial_purified"} <= _tags(cfg.workdir, "tb", "purifier")
 
 
+def test_purifier_goes_in_front_of_an_already_trained_classifier(manifest, tmp_path):
+    from ser_tf.defenses.purifier import PurifierConfig
+
+    base = dataclasses.replace(_experiment(manifest, tmp_path / "std", None), trainer="standard")
+    run_experiment(base, fold_trainer(base))
+    trained = keras.saving.load_model(os.path.join(base.workdir, "model.keras"))
+    method = PurifierConfig(steps=2, width=4, batch_size=8, attack_steps=2,
+                            checkpoint_every=2, classifier_from=base.workdir)
+    cfg = dataclasses.replace(base, workdir=str(tmp_path / "pur"), trainer="purifier",
+                              method=method)
+    metrics = run_experiment(cfg, fold_trainer(cfg))
+    # One "epoch": the loaded classifier, validated; no training of another one.
+    assert len(metrics["history"]) == 1 and metrics["best_epoch"] == 1
+    model = keras.saving.load_model(os.path.join(cfg.workdir, "model.keras"))
+    assert model.purifier is not None
+    for mine, theirs in zip(model.classifier.get_weights(), trained.classifier.get_weights()):
+        np.testing.assert_array_equal(mine, theirs)
+    np.testing.assert_array_equal(model.normalizer.get_weights()[0],
+                                  trained.normalizer.get_weights()[0])
+    # Running it again resumes the finished fold; the errors name what is wrong.
+    assert run_experiment(cfg, fold_trainer(cfg))["uar"] == metrics["uar"]
+    other = dataclasses.replace(cfg, workdir=str(tmp_path / "other"), test_speakers=("s02",))
+    with pytest.raises(ValueError, match="tested on speakers"):
+        run_experiment(other, fold_trainer(other))
+    refit = dataclasses.replace(cfg, workdir=str(tmp_path / "refit"),
+                                train=dataclasses.replace(cfg.train, refit=True))
+    with pytest.raises(ValueError, match="--refit"):
+        run_experiment(refit, fold_trainer(refit))
+    wider = dataclasses.replace(cfg, workdir=str(tmp_path / "wider"),
+                                model=dataclasses.replace(TINY_MODEL, lstm_units=7))
+    with pytest.raises(ValueError, match="not the one these flags build"):
+        run_experiment(wider, fold_trainer(wider))
+    missing = dataclasses.replace(cfg, workdir=str(tmp_path / "missing"),
+                                  method=dataclasses.replace(
+                                      method, classifier_from=str(tmp_path / "nowhere")))
+    with pytest.raises(FileNotFoundError, match="no trained model"):
+        run_experiment(missing, fold_trainer(missing))
+
+
 def test_frechet_distance_matches_the_closed_form():
     from ser_tf.defenses.gan import frechet_distance
 

@@ -206,6 +206,10 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                        flag_values=fv)
     flags.DEFINE_float("purifier_cls_weight", 1.0, "Weight of the frozen classifier's "
                        "cross-entropy on purified features (0: off).", flag_values=fv)
+    flags.DEFINE_string("purifier_classifier_from", "", "Workdir of a trained run (same "
+                        "model flags and split) whose classifiers the purifiers are put in "
+                        "front of, instead of training them first (empty: train).",
+                        flag_values=fv)
     # -- convex head fit (--trainer=convex) ------------------------------------------------
     flags.DEFINE_list("convex_c", ["0.001", "0.003", "0.01", "0.03", "0.1", "0.3", "1"],
                       "Inverse L2 strengths C of the regularisation path, increasing; each "
@@ -304,7 +308,8 @@ def _method_config(fv: flags.FlagValues):
             attack_steps=fv.purifier_attack_steps, clean_share=fv.purifier_clean_share,
             reconstruction_weight=fv.purifier_rec_weight,
             adversarial_weight=fv.purifier_gan_weight,
-            classification_weight=fv.purifier_cls_weight)
+            classification_weight=fv.purifier_cls_weight,
+            classifier_from=fv.purifier_classifier_from)
     return None
 
 

@@ -7,7 +7,8 @@ model (:attr:`ser_tf.models.SERModel.purifier`, part of ``classify``), so that t
 ``model.keras``, ``ser-attack`` and every exported artifact see one model.
 
 ``ser-train --trainer=purifier`` first trains and selects the classifier exactly as the
-standard trainer does, then trains the purifier with the classifier frozen
+standard trainer does (or takes it from an already trained run of the same split,
+``--purifier_classifier_from``), then trains the purifier with the classifier frozen
 (:class:`PurifierTrainer`, resumable from ``purifier/ckpt``):
 
 * inputs: normalised features of training crops, a ``1 - clean_share`` share of them made
@@ -29,8 +30,10 @@ random at inference, so expectation over transformation adds nothing here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import time
 from typing import Sequence
 
 import keras
@@ -65,6 +68,10 @@ class PurifierConfig:
       classification_weight: weight of the frozen classifier's cross-entropy on the
         purified features (0: a purely generative purifier).
       checkpoint_every: steps between checkpoints and TensorBoard images.
+      classifier_from: a trained run's workdir whose classifier (``FOLD/model.keras``, or
+        ``model.keras`` for a single split) the purifier is put in front of, instead of
+        training one first. Its test speakers must be this fold's; it must have no
+        purifier and the same architecture, classes and sample rate.
     """
 
     width: int = 32
@@ -79,6 +86,7 @@ class PurifierConfig:
     adversarial_weight: float = 1.0
     classification_weight: float = 1.0
     checkpoint_every: int = 250
+    classifier_from: str = ""
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.attack_steps < 1 or self.width < 1:
@@ -216,6 +224,29 @@ class PurifierGAN(AdversarialPair):
                              png_to_tensor(spectrograms_png(grid, titles)))
 
 
+def load_classifier(workdir: str, fold: str, test_speakers: Sequence[str]) -> keras.Model:
+    """The model of a trained run for ``fold``: ``workdir/fold/model.keras``, else
+    ``workdir/model.keras``, refused unless that run tested on the same speakers (a
+    classifier that trained on this fold's test speakers would leak them)."""
+    for folder in (os.path.join(workdir, fold), workdir):
+        path = os.path.join(folder, "model.keras")
+        if os.path.exists(path):
+            break
+    else:
+        raise FileNotFoundError(f"no trained model for {fold} in {workdir} (looked for "
+                                f"{fold}/model.keras and model.keras)")
+    metrics_path = os.path.join(folder, "metrics.json")
+    if not os.path.exists(metrics_path):
+        raise FileNotFoundError(f"{metrics_path} is missing: cannot check which speakers "
+                                f"the model at {path} was tested on")
+    with open(metrics_path) as f:
+        tested = json.load(f).get("test_speakers")
+    if sorted(tested or []) != sorted(test_speakers):
+        raise ValueError(f"{path} was tested on speakers {tested}, this fold on "
+                         f"{list(test_speakers)}: its classifier may have trained on them")
+    return keras.saving.load_model(path)
+
+
 class PurifierTrainer(FoldTrainer):
     """A fold trained as standard, then given a GAN purifier (see the module docstring)."""
 
@@ -226,6 +257,38 @@ class PurifierTrainer(FoldTrainer):
 
     method_name = "the purifier defense"
     supports_speaker_norm = False
+
+    def build(self) -> None:
+        if self.purifier_cfg.classifier_from and self.cfg.refit:
+            raise ValueError("--purifier_classifier_from takes a trained classifier as it is; "
+                             "--refit would train another one")
+        super().build()
+
+    def train(self, start: int) -> None:
+        """Trains the classifier as the standard trainer does or, with ``classifier_from``,
+        takes the weights of that run's classifier as the one "epoch" (validated and
+        selected on like any other)."""
+        if not self.purifier_cfg.classifier_from:
+            super().train(start)
+            return
+        if start > 0:  # resumed: the loaded classifier is already the checkpoint
+            return
+        self._epoch_start = time.time()
+        source = load_classifier(self.purifier_cfg.classifier_from, self.fold.name,
+                                 self.fold.test_speakers)
+
+        def signature(model) -> str:  # JSON: a loaded config has lists for tuples
+            return json.dumps([model.labels, model.sample_rate, model.classifier.get_config(),
+                               model.frontend.get_config()], sort_keys=True, default=str)
+
+        if source.purifier is not None or signature(source) != signature(self.model):
+            raise ValueError(f"{self.purifier_cfg.classifier_from}: its classifier is not the "
+                             "one these flags build (architecture, frontend, classes or "
+                             "sample rate differ, or it has a purifier already)")
+        self.model.set_weights(source.get_weights())
+        log.info("%s: classifier taken from %s", self.fold.name,
+                 self.purifier_cfg.classifier_from)
+        self.end_epoch(0, {})
 
     def finalize(self) -> None:
         """Trains the purifier for the selected classifier and puts it into the model."""
