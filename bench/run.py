@@ -171,12 +171,13 @@ def _header(info: dict, command: str, when: str, load: tuple[float, float],
 
 
 def _section(name: str, body: str, when: str, command: str, seconds: float,
-             quick: bool) -> str:
+             quick: bool, machine: str) -> str:
     begin, end = _section_markers(name)
     note = " **(quick smoke run, not representative)**" if quick else ""
+    # Each section names its machine: sections of other runs, perhaps on other CPUs, stay.
     return "\n".join([begin, f"### {TITLES[name]}", "",
-                      f"_Measured {when} by `{command}` in {seconds:.0f} s.{note}_", "",
-                      body, end])
+                      f"_Measured {when} on {machine} by `{command}` in {seconds:.0f} s."
+                      f"{note}_", "", body, end])
 
 
 def _run_pipeline(quick: bool, repeats: int | None) -> tuple[dict, str]:
@@ -290,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         seconds = time.perf_counter() - start
         raw[name] = report
-        sections[name] = _section(name, body, when, command, seconds, args.quick)
+        sections[name] = _section(name, body, when, command, seconds, args.quick,
+                                  f"{info['nproc']} cores of {info['cpu']}")
         _log(f"{name} done in {seconds:.0f} s")
         # Written after every report, so a later failure does not lose this one.
         now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
