@@ -20,9 +20,9 @@ HARDENED ?= $(WORKDIR)_hardened
 RUN_ATTACK_FLAGS ?= --attacks=fgsm,pgd --linf_db=-50,-40,-30 --max_utterances=40
 RUN_EXPORT_FLAGS ?= --variants=float32,int8 --blackbox_clips=8 --latency_utterances=5
 export TF_CPP_MIN_LOG_LEVEL ?= 2
-# pytest-xdist processes for `make test` (0: one process). Most tests spend their time in
-# tracing and Python, not in the math, so two processes on two cores take about a third of
-# the sequential time.
+# pytest-xdist processes for `make test` (0: one process, auto: one per core). Most tests
+# spend their time tracing graphs and in Python, not in the math: on two cores two
+# processes ran the suite in 9 min (2026-11-23), one process took about 30 before.
 TEST_WORKERS ?= 2
 
 .PHONY: run test test-fast bench lint clean venv
