@@ -432,6 +432,7 @@ def test_purifier_goes_in_front_of_an_already_trained_classifier(manifest, tmp_p
     metrics = run_experiment(cfg, fold_trainer(cfg))
     # One "epoch": the loaded classifier, validated; no training of another one.
     assert len(metrics["history"]) == 1 and metrics["best_epoch"] == 1
+    assert metrics["history"][0]["loss"] is None  # nothing trained; JSON has no NaN
     model = keras.saving.load_model(os.path.join(cfg.workdir, "model.keras"))
     assert model.purifier is not None
     for mine, theirs in zip(model.classifier.get_weights(), trained.classifier.get_weights()):

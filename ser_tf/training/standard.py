@@ -433,7 +433,10 @@ class FoldTrainer:
         # Every training metric of the epoch (loss, accuracy, and e.g. adv_accuracy).
         train = {k: float(v) for k, v in logs.items() if np.ndim(v) == 0}
         # No "accuracy" when no clean example was trained on (e.g. --adv_ratio=1).
-        entry = {"epoch": epoch + 1, "loss": float(logs.get("loss", np.nan)),
+        # No "loss" when nothing was trained (a classifier taken from another run): None,
+        # not NaN, which is not JSON.
+        entry = {"epoch": epoch + 1,
+                 "loss": float(logs["loss"]) if "loss" in logs else None,
                  "accuracy": train.get("accuracy"), **train,
                  "val_uar": val.get("uar"), "val_accuracy": val.get("accuracy"),
                  "score": score, "learning_rate": lr, "fit_seconds": round(fit_seconds, 2),
@@ -462,8 +465,9 @@ class FoldTrainer:
             more = {**{k: v for k, v in train.items() if k not in ("loss", "accuracy")},
                     **extra}
             shown = "".join(f", {k} {v:.3f}" for k, v in more.items() if isinstance(v, float))
-            log.info("%s epoch %d: loss %.4f, train acc %s, val UAR %s%s, score %.3f%s",
-                     self.fold.name, epoch + 1, entry["loss"],
+            log.info("%s epoch %d: loss %s, train acc %s, val UAR %s%s, score %.3f%s",
+                     self.fold.name, epoch + 1,
+                     "-" if entry["loss"] is None else f"{entry['loss']:.4f}",
                      "-" if entry["accuracy"] is None else f"{entry['accuracy']:.3f}",
                      "-" if entry["val_uar"] is None else f"{entry['val_uar']:.3f}", shown,
                      score, " (best)" if self.state["wait"] == 0 else "")
