@@ -35,7 +35,6 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from ser_tf.data.pipeline import evaluation_dataset
 from ser_tf.evaluation.predict import predict_utterances
 from ser_tf.training.standard import FoldTrainer, class_weights
 
@@ -192,10 +191,7 @@ class ConvexTrainer(FoldTrainer):
     def utterance_functionals(self, indices: Sequence[int]) -> np.ndarray:
         """``[len(indices), D]``: each utterance's functionals, averaged over its windows
         (or of the whole utterance, with ``eval_whole``)."""
-        ds, n_win = evaluation_dataset(self.corpus, indices, segment_samples=self.segment,
-                                       hop_samples=self.hop, batch_size=64,
-                                       pad_mode=self.cfg.pad_mode, norm_stats=self.norm_stats,
-                                       whole=self.cfg.eval_whole)
+        ds, n_win = self.evaluation_inputs(indices)
         return predict_utterances(self._functionals, ds, len(indices), n_win,
                                   progress=self.verbose == 1, desc="functionals")
 

@@ -326,9 +326,7 @@ class FoldTrainer:
     def adapt_normalizer(self) -> None:
         """Feature statistics from every window (or whole utterance) of the training
         speakers only."""
-        ds, _ = evaluation_dataset(self.corpus, self.fold.train, segment_samples=self.segment,
-                                   hop_samples=self.hop, batch_size=64,
-                                   pad_mode=self.cfg.pad_mode, whole=self.cfg.eval_whole)
+        ds, _ = self.evaluation_inputs(self.fold.train, speaker_stats=False)
         frontend = tf.function(self.model.frontend, reduce_retracing=True)
         self.model.normalizer.adapt(frontend(w) for _, w in ds)
 
@@ -346,15 +344,23 @@ class FoldTrainer:
         return ds
 
     # -- evaluation ----------------------------------------------------------------------------
+    def evaluation_inputs(self, indices: Sequence[int], speaker_stats: bool = True
+                          ) -> tuple[tf.data.Dataset, int]:
+        """The evaluation inputs of ``indices`` as this fold reads utterances (windows, or
+        whole utterances with ``eval_whole``): :func:`evaluation_dataset`'s
+        ``(dataset, count)``, with the fold's per-speaker statistics attached unless
+        ``speaker_stats`` is False (bare waveforms)."""
+        return evaluation_dataset(
+            self.corpus, indices, segment_samples=self.segment, hop_samples=self.hop,
+            batch_size=64, pad_mode=self.cfg.pad_mode,
+            norm_stats=self.norm_stats if speaker_stats else None, whole=self.cfg.eval_whole)
+
     def predict(self, indices: Sequence[int], desc: str) -> np.ndarray:
         # Built once per split: validation runs every epoch and rebuilding meant recomputing
         # the window table and retracing the window function each time.
         key = tuple(indices)
         if key not in self._eval_sets:
-            self._eval_sets[key] = evaluation_dataset(
-                self.corpus, indices, segment_samples=self.segment, hop_samples=self.hop,
-                batch_size=64, pad_mode=self.cfg.pad_mode, norm_stats=self.norm_stats,
-                whole=self.cfg.eval_whole)
+            self._eval_sets[key] = self.evaluation_inputs(indices)
         ds, n_win = self._eval_sets[key]
         return predict_utterances(self.forward, ds, len(indices), n_win,
                                   progress=self.verbose == 1, desc=desc)
