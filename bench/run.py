@@ -211,7 +211,7 @@ def _run_attack(quick: bool, repeats: int | None) -> tuple[dict, str]:
             report = attack.attack_report(repeats=repeats or 1, flagfile=flagfile,
                                           examples=32, art_examples=8)
         else:
-            report = attack.attack_report(repeats=repeats or 3, flagfile=flagfile)
+            report = attack.attack_report(repeats=repeats or 5, flagfile=flagfile)
         reports[title] = report
         bodies.append(f"#### {title}\n\n{attack.to_markdown(report)}")
     return reports, "\n\n".join(bodies)

@@ -21,14 +21,20 @@ import tensorflow as tf
 
 _PACKAGE = "ser_tf"
 
-# Whether frontends traced now use the written-out gradients (see automatic_gradients).
+# Whether models traced now use the written-out gradients (see automatic_gradients).
 _written_gradients = True
+
+
+def written_gradients() -> bool:
+    """True unless inside :func:`automatic_gradients`."""
+    return _written_gradients
 
 
 @contextlib.contextmanager
 def automatic_gradients():
-    """Frontends traced (or run eagerly) inside use TensorFlow's automatic gradients
-    instead of the written-out ones of :func:`power_spectrum` and :func:`blocked_matmul`;
+    """Models traced (or run eagerly) inside use TensorFlow's automatic gradients instead
+    of the written-out ones (the frontend's :func:`power_spectrum` and
+    :func:`blocked_matmul`, the first conv of :class:`ser_tf.models.layers.ChunkEncoder`);
     the values are the same. For benchmarks and tests that compare the two."""
     global _written_gradients
     saved, _written_gradients = _written_gradients, False

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from ser_tf.frontend import dct_matrix, deltas
+from ser_tf.frontend import automatic_gradients, dct_matrix, deltas
 from ser_tf.models import MODELS, ModelConfig, SERModel, build_model
-from ser_tf.models.layers import DESCRIPTORS, STATISTICS, UtteranceStatistics
+from ser_tf.models.layers import (DESCRIPTORS, STATISTICS, ChunkEncoder, UtteranceStatistics,
+                                  conv2d_same, folded_stack, unfolded_batchnorm)
 
 LABELS = ("anger", "neutral", "sadness")
 
@@ -61,6 +63,94 @@ def test_features_and_classify_compose_to_call():
     feats = model.features(x)
     assert feats.shape[2:] == (32, 1)
     np.testing.assert_allclose(model.classify(feats), model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel_shape", [(5, 5, 1, 8), (3, 5, 3, 4), (3, 3, 6, 4),
+                                          (2, 2, 1, 4)])
+def test_conv2d_same_matches_tensorflow_conv_and_its_gradients(kernel_shape):
+    # (5,5,1,8) and (3,5,3,4) take the written-out input gradient; (3,3,6,4) has too many
+    # input channels and (2,2,1,4) an even kernel, so those are TensorFlow's own.
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.standard_normal((2, 9, 12, kernel_shape[2])).astype(np.float32))
+    kernel = tf.constant(rng.standard_normal(kernel_shape).astype(np.float32))
+    g = tf.constant(rng.standard_normal((2, 9, 12, kernel_shape[3])).astype(np.float32))
+
+    def run(fn):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            y = fn(x, kernel)
+            loss = tf.reduce_sum(y * g)
+        return [y.numpy()] + [t.numpy() for t in tape.gradient(loss, [x, kernel])]
+
+    want = run(lambda v, k: tf.nn.conv2d(v, k, 1, "SAME"))
+    got = run(conv2d_same)
+    with automatic_gradients():
+        automatic = run(conv2d_same)
+    for w, a, b in zip(want, got, automatic):
+        np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(b, w)
+
+
+def _encoder_with_statistics(seed: int = 0) -> ChunkEncoder:
+    """A built ChunkEncoder whose BatchNorms hold non-trivial moving statistics."""
+    rng = np.random.default_rng(seed)
+    encoder = ChunkEncoder(chunk_frames=8, hop_frames=4, filters=(4, 6), units=5, dropout=0.5)
+    encoder(tf.zeros([1, 20, 12, 1]))
+    for layer in encoder.encoder.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(size=n).astype(np.float32))
+            layer.moving_variance.assign(rng.uniform(0.2, 3.0, n).astype(np.float32))
+            layer.gamma.assign(rng.uniform(0.5, 2.0, n).astype(np.float32))
+            layer.beta.assign(rng.normal(size=n).astype(np.float32))
+    return encoder
+
+
+def test_chunk_encoder_inference_folds_batchnorm_into_the_convs():
+    encoder = _encoder_with_statistics()
+    x = tf.constant(np.random.default_rng(2).standard_normal((3, 20, 12, 1)), tf.float32)
+    chunks = tf.reshape(tf.signal.frame(x, 8, 4, axis=1), [-1, 8, 12, 1])
+
+    def loss_and_gradients():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = encoder(x, training=False)
+            loss = tf.reduce_sum(tf.sin(y))
+        return [y] + tape.gradient(loss, [x] + encoder.trainable_weights)
+
+    with unfolded_batchnorm():
+        want = loss_and_gradients()
+    got = loss_and_gradients()
+    assert np.abs(want[0].numpy()).max() > 0.1
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-4,
+                                   atol=1e-5 * np.abs(w.numpy()).max())
+    np.testing.assert_allclose(folded_stack(encoder.encoder.layers, chunks).numpy(),
+                               encoder.encoder(chunks, training=False).numpy(), atol=1e-5)
+    # Training still normalises with the batch's statistics, not the moving ones.
+    trained = encoder(x, training=True).numpy()
+    assert not np.allclose(trained, got[0].numpy(), atol=1e-3)
+
+    # The folded graph runs no op of the BatchNorm layers; the layer-by-layer one does.
+    def batchnorm_ops():
+        graph = tf.function(lambda v: encoder(v, training=False)).get_concrete_function(
+            tf.TensorSpec([None, None, 12, 1])).graph
+        blocks = (re.search(r"(block\d)_bn(_\d+)?/", op.name) for op in graph.get_operations())
+        return {block.group(1) for block in blocks if block}
+
+    assert not batchnorm_ops()
+    with unfolded_batchnorm():
+        assert batchnorm_ops() == {"block1", "block2"}
+
+
+def test_folded_stack_rejects_a_strided_conv():
+    layers = [keras.layers.Conv2D(2, 3, strides=2, padding="same", use_bias=False),
+              keras.layers.BatchNormalization()]
+    x = tf.zeros([1, 8, 8, 1])
+    for layer in layers:
+        layer(x if layer is layers[0] else layers[0](x))
+    with pytest.raises(ValueError, match="only stride-1"):
+        folded_stack(layers, x)
 
 
 def test_build_model_rejects_bad_input():

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import keras
 import tensorflow as tf
 
-from ser_tf.frontend import dct_matrix, deltas
+from ser_tf.frontend import dct_matrix, deltas, written_gradients
+
+# Input channels up to which a stride-1 "same" conv's input gradient is computed as a
+# depthwise conv (see conv2d_same): on a 1-channel spectrogram that takes 0.6x the time of
+# TensorFlow's Conv2DBackpropInput on CPU.
+DEPTHWISE_GRADIENT_CHANNELS = 4
+# Whether ChunkEncoders traced now fold their BatchNorms at inference (see unfolded_batchnorm).
+_fold_batchnorm = True
+
+
+@contextlib.contextmanager
+def unfolded_batchnorm():
+    """ChunkEncoders traced (or run eagerly) inside call their conv stack layer by layer at
+    inference instead of :func:`folded_stack`; the values are the same up to float
+    rounding. For benchmarks and tests that compare the two."""
+    global _fold_batchnorm
+    saved, _fold_batchnorm = _fold_batchnorm, False
+    try:
+        yield
+    finally:
+        _fold_batchnorm = saved
 
 
 def conv_block(filters: int, kernel: int, pool: tuple[int, int], name: str) -> list:
@@ -23,6 +44,84 @@ def conv_block(filters: int, kernel: int, pool: tuple[int, int], name: str) -> l
     ]
 
 
+def conv2d_same(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    """Stride-1, "same"-padded ``tf.nn.conv2d`` whose input gradient, for kernels of odd
+    size over few input channels, is written out.
+
+    The input gradient of a stride-1 "same" conv with an odd kernel is the correlation of
+    the output gradient with the spatially flipped kernel. TensorFlow's
+    ``Conv2DBackpropInput`` computes it as a conv with ``C_in`` output channels, which on
+    CPU is slow when ``C_in`` is 1 (the spectrogram). Written out, it is one depthwise conv
+    of the output gradient (multiplier ``C_in``) and a sum over the ``C_out`` groups: the
+    same values, and the waveform attacks' gradient pass through the CNN-LSTM is cheaper.
+    The kernel gradient stays ``Conv2DBackpropFilter`` (graphs that only need the input
+    gradient prune it). First-order only.
+    """
+    kh, kw, c_in, c_out = kernel.shape
+    if (not written_gradients() or c_in is None or c_in > DEPTHWISE_GRADIENT_CHANNELS
+            or kh % 2 == 0 or kw % 2 == 0):
+        return tf.nn.conv2d(x, kernel, 1, "SAME")
+
+    @tf.custom_gradient
+    def conv(x, kernel):
+        def grad(g):
+            flipped = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
+            per_group = tf.nn.depthwise_conv2d(g, flipped, [1, 1, 1, 1], "SAME")
+            shape = tf.concat([tf.shape(per_group)[:-1], [c_out, c_in]], 0)
+            dx = tf.reduce_sum(tf.reshape(per_group, shape), axis=-2)
+            dk = tf.raw_ops.Conv2DBackpropFilter(
+                input=x, filter_sizes=tf.shape(kernel), out_backprop=g, strides=[1, 1, 1, 1],
+                padding="SAME")
+            return dx, dk
+
+        return tf.nn.conv2d(x, kernel, 1, "SAME"), grad
+
+    return conv(x, kernel)
+
+
+def folded_stack(layers: Sequence[keras.layers.Layer], x: tf.Tensor) -> tf.Tensor:
+    """Runs ``layers`` (:func:`conv_block` stacks and what follows them) at inference, each
+    Conv2D -> BatchNormalization pair as one conv.
+
+    At inference a BatchNorm is an affine map per channel, ``scale * z + shift`` with
+    ``scale = gamma / sqrt(moving_var + eps)`` and ``shift = beta - moving_mean * scale``,
+    so ``bn(conv(x, K))`` is ``conv(x, K * scale) + shift``: no batch-norm op forward and
+    no batch-norm gradient backward (the waveform attacks' gradient pass). The outputs and
+    gradients are those of the layers called in turn, up to float rounding; the ops keep
+    the layers' names, which the int8 TFLite export matches (``FLOAT_BLOCKS``). Convs must
+    be stride-1, "same" and undilated, as :func:`conv_block` makes them; other layers are
+    called with ``training=False``.
+    """
+    layers = list(layers)
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        bn = layers[i + 1] if i + 1 < len(layers) else None
+        if not (isinstance(layer, keras.layers.Conv2D)
+                and isinstance(bn, keras.layers.BatchNormalization)):
+            x = layer(x, training=False)
+            i += 1
+            continue
+        if (tuple(layer.strides) != (1, 1) or layer.padding != "same"
+                or tuple(layer.dilation_rate) != (1, 1) or layer.groups != 1
+                or layer.data_format != "channels_last"):
+            raise ValueError(f"cannot fold {bn.name} into {layer.name}: only stride-1, "
+                             "'same', undilated channels-last convs")
+        scale = tf.math.rsqrt(tf.convert_to_tensor(bn.moving_variance) + bn.epsilon)
+        if bn.scale:
+            scale *= tf.convert_to_tensor(bn.gamma)
+        shift = -tf.convert_to_tensor(bn.moving_mean) * scale
+        if bn.center:
+            shift += tf.convert_to_tensor(bn.beta)
+        if layer.use_bias:
+            shift += tf.convert_to_tensor(layer.bias) * scale
+        with tf.name_scope(layer.name):
+            kernel = tf.convert_to_tensor(layer.kernel) * scale
+            x = layer.activation(tf.nn.bias_add(conv2d_same(x, kernel), shift))
+        i += 2
+    return x
+
+
 @keras.saving.register_keras_serializable(package="ser_tf")
 class ChunkEncoder(keras.layers.Layer):
     """Cut a feature map into time chunks and encode each chunk with the same conv stack.
@@ -30,7 +129,9 @@ class ChunkEncoder(keras.layers.Layer):
     ``[batch, frames, bins, C]`` -> ``[batch, chunks, units]``. This is the
     TimeDistributed conv stage of the CNN-LSTM SER models, done as one batched conv over
     ``batch * chunks`` images (a reshape, not a per-step loop, so it is fast and exports to
-    TFLite built-ins). Inputs shorter than one chunk are zero-padded to one chunk.
+    TFLite built-ins). Inputs shorter than one chunk are zero-padded to one chunk. At
+    inference the conv stack runs with its BatchNorms folded into the convs
+    (:func:`folded_stack`), the first conv's input gradient written out (:func:`conv2d_same`).
 
     Args:
       chunk_frames: frames per chunk.
@@ -78,7 +179,10 @@ class ChunkEncoder(keras.layers.Layer):
         n = tf.shape(chunks)[1]
         flat = tf.reshape(chunks, tf.concat([[-1, self.chunk_frames], shape[2:]], 0))
         flat.set_shape([None, self.chunk_frames] + list(features.shape[2:]))
-        encoded = self.encoder(flat, training=training)
+        if training or not _fold_batchnorm:
+            encoded = self.encoder(flat, training=training)
+        else:
+            encoded = folded_stack(self.encoder.layers, flat)
         return tf.reshape(encoded, [shape[0], n, self.units])
 
     def compute_output_shape(self, input_shape):
