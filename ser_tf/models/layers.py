@@ -11,8 +11,8 @@ import tensorflow as tf
 from ser_tf.frontend import dct_matrix, deltas, written_gradients
 
 # Input channels up to which a stride-1 "same" conv's input gradient is computed as a
-# depthwise conv (see conv2d_same): on a 1-channel spectrogram that takes 0.6x the time of
-# TensorFlow's Conv2DBackpropInput on CPU.
+# depthwise conv (see conv2d_same): on a 1-channel spectrogram that takes 0.35-0.6x the time
+# of TensorFlow's Conv2DBackpropInput on CPU (8-16 filters, BUILD.md).
 DEPTHWISE_GRADIENT_CHANNELS = 4
 # Whether ChunkEncoders traced now fold their BatchNorms at inference (see unfolded_batchnorm).
 _fold_batchnorm = True
@@ -104,9 +104,9 @@ def folded_stack(layers: Sequence[keras.layers.Layer], x: tf.Tensor) -> tf.Tenso
             continue
         if (tuple(layer.strides) != (1, 1) or layer.padding != "same"
                 or tuple(layer.dilation_rate) != (1, 1) or layer.groups != 1
-                or layer.data_format != "channels_last"):
+                or layer.data_format != "channels_last" or bn.axis not in (-1, 3)):
             raise ValueError(f"cannot fold {bn.name} into {layer.name}: only stride-1, "
-                             "'same', undilated channels-last convs")
+                             "'same', undilated channels-last convs, normalised per channel")
         scale = tf.math.rsqrt(tf.convert_to_tensor(bn.moving_variance) + bn.epsilon)
         if bn.scale:
             scale *= tf.convert_to_tensor(bn.gamma)
