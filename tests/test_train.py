@@ -14,6 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from ser_tf.data.audio import AudioConfig
 from ser_tf.data.corpora import write_manifest
@@ -83,6 +84,32 @@ def test_refit_retrains_on_validation_speakers_for_the_selected_epochs(manifest,
         other.load_weights(tmp_path / run / "checkpoints" / "best.weights.h5")
         same = np.allclose(other(x).numpy(), saved(x).numpy(), atol=1e-6)
         assert same == expect_equal, run
+
+
+def test_ema_saves_the_averaged_weights_and_trains_on_the_raw_ones(manifest, tmp_path):
+    # No validation speakers: the last epoch is the one saved, so the saved model must be
+    # that epoch's moving average, while the checkpoint (what training resumes from) holds
+    # the raw weights and the averages beside them.
+    cfg = dataclasses.replace(_config(manifest, tmp_path, epochs=2, ema=0.8, patience=0),
+                              val_speakers=0)
+    run_experiment(cfg)
+    saved = keras.models.load_model(tmp_path / "model.keras", safe_mode=True)
+    reader = tf.train.load_checkpoint(str(tmp_path / "checkpoints"))
+    tensors = {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+               if k.endswith("VARIABLE_VALUE")}
+    optimizer = {k: v for k, v in tensors.items() if k.startswith("optimizer/")}
+    raw = {k: v for k, v in tensors.items() if k.startswith("model/")}
+    moved = 0
+    for weight in saved.trainable_weights:
+        value = weight.numpy()
+        assert any(v.shape == value.shape and np.allclose(v, value, atol=1e-7)
+                   for v in optimizer.values()), weight.path
+        assert not any(v.shape == value.shape and np.array_equal(v, value)
+                       for v in raw.values()) or not value.any(), weight.path
+        moved += 1
+    assert moved == len(saved.trainable_weights) > 10
+    with pytest.raises(ValueError, match="ema must be in"):
+        run_experiment(dataclasses.replace(_config(manifest, tmp_path / "bad", ema=1.0)))
 
 
 def test_loso_writes_fold_workdirs_and_summary(manifest, tmp_path):

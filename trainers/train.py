@@ -110,6 +110,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (AdamW, cosine decay).",
                        flag_values=fv)
     flags.DEFINE_float("weight_decay", 1e-4, "AdamW weight decay.", flag_values=fv)
+    flags.DEFINE_float("ema", 0.0, "Momentum of a moving average of the weights, updated every "
+                       "step, that validation, model selection and the saved model use "
+                       "(0: off; e.g. 0.99).", flag_values=fv)
     flags.DEFINE_float("warmup_epochs", 1.0, "Linear learning-rate warm-up (epochs).",
                        flag_values=fv)
     flags.DEFINE_integer("patience", 10, "Early stopping patience on validation UAR (0: off).",
@@ -257,7 +260,7 @@ def build_config(fv: flags.FlagValues = FLAGS):
                             speed=tuple(float(f) for f in fv.aug_speed))
     train = TrainConfig(epochs=fv.epochs, batch_size=fv.batch_size,
                         learning_rate=fv.learning_rate, weight_decay=fv.weight_decay,
-                        warmup_epochs=fv.warmup_epochs, patience=fv.patience,
+                        warmup_epochs=fv.warmup_epochs, ema=fv.ema, patience=fv.patience,
                         class_weighting=fv.class_weighting, seed=fv.seed,
                         eval_hop_s=fv.eval_hop_s, pad_mode=fv.pad_mode,
                         eval_whole=fv.eval_whole, augment=augment,

@@ -26,6 +26,7 @@ UAR; the test speakers stay untouched throughout.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -62,6 +63,11 @@ class TrainConfig:
       learning_rate: peak learning rate (AdamW), reached after warm-up, then cosine decay.
       weight_decay: AdamW decoupled weight decay.
       warmup_epochs: linear warm-up length in epochs.
+      ema: momentum of an exponential moving average of the trainable weights, updated
+        every step (0: none). With it, validation, model selection and the saved model
+        use the averaged weights, while training goes on from the raw ones; averaging
+        damps the epoch-to-epoch swings that small corpora and adversarial training give
+        (e.g. 0.99: about the last 100 steps).
       patience: stop after this many epochs without a better validation UAR (0: never).
       class_weighting: weight the loss by inverse class frequency (balanced).
       seed: seed for weights, shuffling, crops and augmentation.
@@ -87,6 +93,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
+    ema: float = 0.0
     patience: int = 10
     class_weighting: bool = True
     seed: int = 0
@@ -283,8 +290,13 @@ class FoldTrainer:
             0.0 if warmup else self.cfg.learning_rate, decay_steps=max(1, total - warmup),
             alpha=0.01, warmup_target=self.cfg.learning_rate if warmup else None,
             warmup_steps=warmup)
+        if not 0.0 <= self.cfg.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {self.cfg.ema}")
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=self.cfg.weight_decay,
+                                           use_ema=self.cfg.ema > 0,
+                                           ema_momentum=self.cfg.ema or 0.99)
         self.model.compile(
-            optimizer=keras.optimizers.AdamW(schedule, weight_decay=self.cfg.weight_decay),
+            optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         self.model.optimizer.build(self.model.trainable_variables)
@@ -431,8 +443,46 @@ class FoldTrainer:
         return {**dataclasses.asdict(self.model_cfg), **dataclasses.asdict(self.cfg)}
 
     # -- per-epoch -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Inside, the model holds the moving average of its trainable weights (``ema``);
+        the raw weights are back on exit. Without ``ema`` nothing changes."""
+        optimizer = self.model.optimizer
+        # Before the first step the averages are not set (e.g. a classifier taken from
+        # another run, or one fitted without gradient steps): the weights are the model's.
+        if not getattr(optimizer, "use_ema", False) or int(optimizer.iterations) == 0:
+            yield
+            return
+        # The optimizer keeps the averages in step with its variables (Keras' own
+        # SwapEMAWeights callback swaps the same lists).
+        pairs = list(zip(optimizer._trainable_variables,
+                         optimizer._model_variables_moving_average))
+
+        def swap():
+            for var, average in pairs:
+                raw = var.numpy()
+                var.assign(average)
+                average.assign(raw)
+
+        swap()
+        try:
+            yield
+        finally:
+            swap()
+
     def end_epoch(self, epoch: int, logs: dict) -> None:
         fit_seconds = time.time() - self._epoch_start
+        with self.averaged_weights():
+            self._select(epoch, logs, fit_seconds)
+        self.state["epoch"] = epoch + 1
+        self.epoch_var.assign(epoch + 1)
+        # Checkpoint first, then the state that refers to it (restore trusts the checkpoint).
+        self.manager.save(checkpoint_number=epoch + 1)
+        write_json(self.state_path, self.state)
+
+    def _select(self, epoch: int, logs: dict, fit_seconds: float) -> None:
+        """Validates the model as it is now, records the epoch and keeps its weights if it
+        is the best so far."""
         score, val, extra = self.validate(epoch, logs)
         self.state["train_seconds"] += time.time() - self._epoch_start
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
@@ -462,11 +512,6 @@ class FoldTrainer:
             self.model.save_weights(self.best_path)
         else:
             self.state["wait"] += 1
-        self.state["epoch"] = epoch + 1
-        self.epoch_var.assign(epoch + 1)
-        # Checkpoint first, then the state that refers to it (restore trusts the checkpoint).
-        self.manager.save(checkpoint_number=epoch + 1)
-        write_json(self.state_path, self.state)
         if self.verbose:
             more = {**{k: v for k, v in train.items() if k not in ("loss", "accuracy")},
                     **extra}
