@@ -106,6 +106,10 @@ class TrainConfig:
     refit: bool = False
     strategy: str = "default"
 
+    def __post_init__(self):
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+
 
 def write_predictions(path: str, utterances: Sequence, y_true: np.ndarray, logits: np.ndarray,
                       classes: Sequence[str]) -> None:
@@ -290,8 +294,6 @@ class FoldTrainer:
             0.0 if warmup else self.cfg.learning_rate, decay_steps=max(1, total - warmup),
             alpha=0.01, warmup_target=self.cfg.learning_rate if warmup else None,
             warmup_steps=warmup)
-        if not 0.0 <= self.cfg.ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {self.cfg.ema}")
         optimizer = keras.optimizers.AdamW(schedule, weight_decay=self.cfg.weight_decay,
                                            use_ema=self.cfg.ema > 0,
                                            ema_momentum=self.cfg.ema or 0.99)
