@@ -128,6 +128,75 @@ def test_transfer_attacks_need_the_attackers_data(tone_model):
                         progress=False)
 
 
+def _utterances(x: np.ndarray, y: np.ndarray, segment: int) -> list[np.ndarray]:
+    """Whole "utterances" of several lengths from tone clips of one class each: shorter than
+    a window (loop-extended), exactly one window, and longer ones of several windows."""
+    lengths = [segment * 3 // 4, segment, segment * 13 // 8, segment * 9 // 4]
+    out = []
+    for k in range(len(x)):
+        same = np.flatnonzero(y == y[k])
+        other = x[same[(np.searchsorted(same, k) + 1) % len(same)]]
+        out.append(np.concatenate([x[k], other, x[k]])[:lengths[k % len(lengths)]])
+    return out
+
+
+def _mean_window_logits(model, wave: np.ndarray, hop: int) -> np.ndarray:
+    """The utterance logits as evaluation computes them: every window's, averaged."""
+    from ser_tf.data.pipeline import window_starts
+
+    segment = model.segment_samples
+    long = np.tile(wave, -(-segment // len(wave)))
+    windows = np.stack([long[s:s + segment]
+                        for s in window_starts(len(wave), segment, hop)])
+    return np.asarray(model(windows)).mean(axis=0)
+
+
+def test_utterance_unit_attacks_the_averaged_decision(tone_model):
+    model, x, y = tone_model
+    x, y = x.numpy(), y.numpy()
+    segment = model.segment_samples
+    utts = _utterances(x, y, segment)
+    windowing = runner.Windowing(hop_samples=segment // 2)
+    decide = windowing.logits(lambda w: model(w, training=False), segment)
+    for wave in utts[:4]:
+        np.testing.assert_allclose(decide(tf.constant(wave[None]))[0],
+                                   _mean_window_logits(model, wave, segment // 2), atol=1e-4)
+    # A row of exactly one window is that clip's logits: the substitute's oracle relies on it.
+    np.testing.assert_allclose(decide(tf.constant(x[:3])), model(x[:3]), atol=1e-5)
+
+    sweep = runner.Sweep(attacks=("pgd", "hsj", "transfer_fgsm"), linf_db=(-20,),
+                         snr_db=(10,), options={"pgd": {"steps": 3},
+                                                "hsj": {"max_queries": 30}})
+    kept = []
+    clean, outcomes = runner.evaluate(model, utts, y, sweep, progress=False,
+                                      attacker_x=x[::3], keep_examples=2, windowing=windowing,
+                                      on_result=lambda o, adv: kept.append(adv))
+    expected = [np.argmax(_mean_window_logits(model, w, segment // 2)) for w in utts]
+    np.testing.assert_array_equal(clean, expected)
+    assert np.mean(clean == y) >= 0.9
+    by = {o.name: o for o in outcomes}
+    # Each utterance stays inside its own ball, relative to its whole-utterance peak.
+    for o in outcomes:
+        assert o.y_pred.shape == y.shape
+        changed = o.l2 > 0
+        assert changed.any()
+        if o.budget.kind == "linf_db":
+            assert o.linf_db[changed].max() <= -20 + 1e-3
+        else:
+            assert o.snr_db[changed].min() >= 10 - 1e-3
+    assert np.all(by["hsj"].queries <= 30) and np.all(by["hsj"].queries > 0)
+    assert np.mean(by["pgd"].y_pred == y) < 0.5
+    for adv in kept:
+        assert [len(a) for a in adv] == [len(w) for w in utts[:2]]
+    # Feature maps exist per window, not per utterance.
+    with pytest.raises(ValueError, match="clip"):
+        runner.evaluate(model, utts, y, runner.Sweep(attacks=("fgsm",),
+                                                     domains=("features",)),
+                        progress=False, windowing=windowing)
+    with pytest.raises(ValueError, match="hop_samples"):
+        runner.Windowing(hop_samples=0)
+
+
 # -- ser-attack end to end -------------------------------------------------------------------
 
 
@@ -190,6 +259,32 @@ def test_ser_attack_writes_the_report_plots_table_audio_and_tensorboard(trained_
     audio, rate = tf.audio.decode_wav(tf.io.read_file(str(adv[0])))
     assert int(rate) == 16000 and audio.shape == (8000, 1)
     assert list((w / "tb" / "attack").glob("events.out.tfevents.*"))
+
+
+def test_ser_attack_utterance_unit_starts_from_the_training_runs_figures(trained_workdir,
+                                                                         tmp_path):
+    out = tmp_path / "utterances"
+    done = _attack(f"--workdir={trained_workdir}", f"--out_dir={out}", "--unit=utterance",
+                   "--attacks=pgd,hsj", "--linf_db=-20", "--snr_db=20", "--steps=2",
+                   "--examples=1", "--progress=false")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rob = json.loads((out / "robustness.json").read_text())
+    trained = json.loads((trained_workdir / "metrics.json").read_text())
+    # Clean: the utterance decisions of metrics.json, not those of central clips.
+    assert rob["clean"]["accuracy"] == pytest.approx(trained["accuracy"])
+    assert rob["clean"]["uar"] == pytest.approx(trained["uar"])
+    assert rob["unit"].startswith("each test utterance whole")
+    pgd = next(a for a in rob["attacks"] if a["name"] == "pgd")
+    assert pgd["max_linf_db"] <= -20 + 1e-3
+    clean_wav = next((out / "adversarial").glob("*_clean.wav"))
+    adv_wav = out / "adversarial" / "pgd_linf_db-20" / clean_wav.name.replace("_clean", "")
+    lengths = [tf.audio.decode_wav(tf.io.read_file(str(p)))[0].shape[0]
+               for p in (clean_wav, adv_wav)]
+    # The whole utterance (0.6-1.2 s long before trimming), not the 0.5 s clip.
+    assert lengths[0] == lengths[1] and lengths[0] != 8000
+    done = _attack(f"--workdir={trained_workdir}", f"--out_dir={out}", "--unit=utterance",
+                   "--domains=features")
+    assert done.returncode != 0 and "utterance unit attacks waveforms only" in done.stderr
 
 
 def test_ser_attack_out_dir_keeps_the_workdir_untouched(trained_workdir, tmp_path):

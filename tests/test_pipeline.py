@@ -12,10 +12,10 @@ from conftest import sine, write_wav, write_wav_encoded
 from ser_tf.data.audio import AudioConfig
 from ser_tf.data.corpora import Utterance
 from ser_tf.data.pipeline import (AugmentConfig, BadAudioError, DecodeGroup, augment_waveform,
-                                  decode_corpus, decoding_dataset, error_reason,
-                                  evaluation_dataset,
-                                  fit_length, group_by_header, training_dataset,
-                                  utterance_windows, window_starts)
+                                  batch_windows, decode_corpus, decoding_dataset,
+                                  error_reason, evaluation_dataset, fit_length,
+                                  group_by_header, training_dataset, utterance_windows,
+                                  window_starts)
 from test_audio import _encode_other, _make_bad_files
 
 CFG = AudioConfig(trim_db=None, normalize="none")
@@ -217,6 +217,26 @@ def test_utterance_windows_are_the_window_starts(n, pad_mode):
         np.testing.assert_array_equal(wins[0, :n], wave)
         tail = np.tile(wave, 3)[n:100] if pad_mode == "loop" else np.zeros(100 - n)
         np.testing.assert_array_equal(wins[0, n:], tail)
+
+
+@pytest.mark.parametrize("n", [37, 100, 230])
+@pytest.mark.parametrize("pad_mode", ["loop", "zero"])
+def test_batch_windows_window_every_row_like_one_utterance(n, pad_mode):
+    waves = np.stack([np.arange(1, n + 1), -np.arange(1, n + 1)]).astype(np.float32)
+    x = tf.constant(waves)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        wins = batch_windows(x, 100, 50, pad_mode)
+        total = tf.reduce_sum(wins[1])
+    for row in range(2):
+        np.testing.assert_array_equal(
+            wins[row].numpy(), utterance_windows(tf.constant(waves[row]), 100, 50,
+                                                 pad_mode).numpy())
+    # Differentiable: each sample of row 1 gets one per window (and loop copy) it is in.
+    grad = tape.gradient(total, x).numpy()
+    assert np.all(grad[0] == 0) and np.all(grad[1] >= 1)
+    assert grad[1].sum() == wins.shape[1] * 100 - (0 if pad_mode == "loop" or n >= 100
+                                                   else 100 - n)
 
 
 def test_evaluation_windows_cover_every_utterance(tone_corpus):

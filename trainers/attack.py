@@ -4,6 +4,7 @@ Examples:
   ser-attack --workdir=runs/synthetic
   ser-attack --workdir=runs/emodb_loso --fold=fold_03 --attacks=fgsm,pgd,mim,cw_l2 \\
       --domains=waveform,features --linf_db=-50,-40,-30 --feature_linf=0.25,0.75,1.25
+  ser-attack --workdir=runs/emodb_loso --fold=fold_03 --attacks=pgd --unit=utterance
 
 Reads the training run's flags.txt, so the test utterances are exactly those of the run's
 speaker-independent split, and writes into the workdir (and each attacked fold_XX/):
@@ -60,6 +61,11 @@ flags.DEFINE_integer("attacker_clips", 200, "Transfer attacks: clips of the non-
 flags.DEFINE_bool("bpda", False, "Also run every white-box attack with straight-through "
                   "(BPDA) gradients through the model's purifier, as NAME+bpda (models "
                   "trained with --trainer=purifier).")
+flags.DEFINE_enum("unit", "clip", ["clip", "utterance"], "What is attacked: clip (each test "
+                  "utterance's central --segment_s seconds, one model input) or utterance "
+                  "(each test utterance whole, through its logits averaged over all windows, "
+                  "as metrics.json evaluates it; the budget is relative to the whole "
+                  "utterance; waveform domain only).")
 flags.DEFINE_bool("progress", None, "Progress bars (default: on a terminal).")
 flags.mark_flag_as_required("workdir")
 
@@ -90,13 +96,14 @@ def main(argv):
                       feature_l2=common.floats(FLAGS.feature_l2, "feature_l2"), options=options,
                       bpda=FLAGS.bpda)
         sweep.runs()  # builds every Budget, which validates its value
+        progress = sys.stderr.isatty() if FLAGS.progress is None else FLAGS.progress
+        job = JobConfig(sweep=sweep, folds=tuple(FLAGS.fold),
+                        max_utterances=FLAGS.max_utterances, batch_size=FLAGS.batch_size,
+                        seed=FLAGS.seed, examples=FLAGS.examples, out_dir=FLAGS.out_dir,
+                        attacker_clips=FLAGS.attacker_clips, progress=progress,
+                        unit=FLAGS.unit)
     except ValueError as err:
         raise app.UsageError(str(err))
-    progress = sys.stderr.isatty() if FLAGS.progress is None else FLAGS.progress
-    job = JobConfig(sweep=sweep, folds=tuple(FLAGS.fold), max_utterances=FLAGS.max_utterances,
-                    batch_size=FLAGS.batch_size, seed=FLAGS.seed, examples=FLAGS.examples,
-                    out_dir=FLAGS.out_dir, attacker_clips=FLAGS.attacker_clips,
-                    progress=progress)
     try:
         robustness = attack_workdir(experiment, job)
     except (BadAudioError, ValueError, FileNotFoundError) as err:

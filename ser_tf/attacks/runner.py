@@ -1,10 +1,14 @@
 """Robustness evaluation: a sweep of attacks and budgets over a model's test utterances.
 
-What is attacked: one clip per test utterance, its central ``segment_s`` seconds (shorter
-utterances extended as in training, see :func:`ser_tf.data.pipeline.central_clips`), so
-that the perturbation is one signal a listener could hear. The clean figures of a report are
-measured on the same clips, which is why they can differ slightly from ``metrics.json``
-(that one averages every window of an utterance).
+What is attacked, the *unit*: by default one clip per test utterance, its central
+``segment_s`` seconds (shorter utterances extended as in training, see
+:func:`ser_tf.data.pipeline.central_clips`), so that the perturbation is one signal a
+listener could hear; the clean figures of such a report are measured on the same clips,
+which is why they differ from ``metrics.json``. With a :class:`Windowing`, each test
+utterance is attacked whole instead, through the model's utterance decision: the logits
+averaged over all its windows, exactly as ``metrics.json`` (and a served model) evaluates
+it, so that the clean figures are the training run's and the attack must move the decision
+a user would see. The budget is then relative to the whole utterance's peak or energy.
 
 Two domains: ``waveform`` attacks the whole model through its differentiable frontend;
 ``features`` attacks the classifier on its normalised log-mel input (as the published SER
@@ -91,6 +95,51 @@ ATTACKS: dict[str, AttackEntry] = {
 }
 
 SUBSTITUTE = {"rounds": 2, "lambda_": 0.1, "epochs": 10, "batch_size": 32}
+UNITS = ("clip", "utterance")
+UNIT_TEXT = {"clip": "one clip per test utterance: its central segment_s seconds",
+             "utterance": "each test utterance whole: its logits averaged over all windows "
+                          "(eval_hop_s), as metrics.json evaluates it"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Windowing:
+    """How a model reads a whole utterance, for attacks on the utterance decision.
+
+    Attributes:
+      hop_samples: hop between the model's windows (the run's ``eval_hop_s``).
+      pad_mode: how an utterance shorter than a window is extended (``loop`` or ``zero``).
+      whole: the model reads the utterance whole, at its own length (runs trained with
+        ``--eval_whole``); only utterances shorter than ``hop_samples`` are extended.
+    """
+
+    hop_samples: int
+    pad_mode: str = "loop"
+    whole: bool = False
+
+    def __post_init__(self):
+        if self.hop_samples < 1:
+            raise ValueError(f"hop_samples must be positive, got {self.hop_samples}")
+        if self.pad_mode not in ("loop", "zero"):
+            raise ValueError(f"pad_mode must be loop or zero, got {self.pad_mode!r}")
+
+    def logits(self, model_fn: Callable[[tf.Tensor], tf.Tensor], segment_samples: int
+               ) -> Callable[[tf.Tensor], tf.Tensor]:
+        """``f(waves [B, samples]) -> [B, C]``: the utterance logits of utterances of one
+        length (each row's window logits averaged), differentiable end to end. A row of
+        exactly ``segment_samples`` is one window, so ``f`` of a clip is the clip's logits.
+        """
+        from ser_tf.data.pipeline import batch_windows, extend
+
+        if self.whole:
+            return lambda waves: model_fn(extend(waves, self.hop_samples, self.pad_mode))
+
+        def utterance(waves):
+            windows = batch_windows(waves, segment_samples, self.hop_samples, self.pad_mode)
+            shape = tf.shape(windows)
+            logits = model_fn(tf.reshape(windows, [-1, segment_samples]))
+            return tf.reduce_mean(tf.reshape(logits, [shape[0], shape[1], -1]), axis=1)
+
+        return utterance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,9 +229,25 @@ def _batches(n: int, size: int):
         yield slice(start, min(n, start + size))
 
 
-def _predict(fn, x: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.concatenate([np.argmax(fn(tf.constant(x[s])), -1) for s in _batches(len(x),
-                                                                                  batch_size)])
+def _spans(x, batch_size: int) -> list[slice]:
+    """The attack batches: ``batch_size`` clips, or one utterance (a list of waveforms of
+    different lengths)."""
+    if isinstance(x, list):
+        return [slice(k, k + 1) for k in range(len(x))]
+    return list(_batches(len(x), batch_size))
+
+
+def _predict(fn, x, batch_size: int) -> np.ndarray:
+    return np.concatenate([np.argmax(fn(tf.constant(np.stack(x[s]))), -1)
+                           for s in _spans(x, batch_size)])
+
+
+def _achieved(x, x_adv) -> dict[str, np.ndarray]:
+    """:func:`achieved` per example, for clips or for utterances of different lengths."""
+    if not isinstance(x, list):
+        return achieved(x, x_adv)
+    parts = [achieved(a[None], b[None]) for a, b in zip(x, x_adv)]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
 def _crafter(fn: Callable, target: Callable, budget: Budget, options: dict) -> Callable:
@@ -220,12 +285,13 @@ def _substitute(model, domain: str, oracle: Callable, attacker: np.ndarray, seed
                                      seed=seed, counter=counter, **SUBSTITUTE)
 
 
-def evaluate(model, x: np.ndarray, y: np.ndarray, sweep: Sweep, *, batch_size: int = 32,
+def evaluate(model, x, y: np.ndarray, sweep: Sweep, *, batch_size: int = 32,
              seed: int = 0, progress: bool = True, attacker_x: np.ndarray | None = None,
              keep_examples: int = 0,
-             on_result: Callable[[Outcome, np.ndarray], None] | None = None
-             ) -> tuple[np.ndarray, list[Outcome]]:
-    """Runs the sweep on clips ``x [N, samples]`` with true labels ``y [N]``.
+             on_result: Callable[[Outcome, np.ndarray], None] | None = None,
+             windowing: Windowing | None = None) -> tuple[np.ndarray, list[Outcome]]:
+    """Runs the sweep on clips ``x [N, samples]`` (or whole utterances, see ``windowing``)
+    with true labels ``y [N]``.
 
     White-box attacks run compiled. Score- and decision-based attacks reach the model only
     through a :class:`~ser_tf.attacks.blackbox.QueryCounter` (forward passes; their
@@ -247,20 +313,44 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, sweep: Sweep, *, batch_size: i
       keep_examples: pass the first this many adversarial inputs of each run to
         ``on_result`` (features-domain runs pass adversarial feature maps).
       on_result: called with each :class:`Outcome` and its kept adversarial examples.
+      windowing: attack whole utterances through the model's utterance decision (window
+        logits averaged, see :class:`Windowing`): ``x`` is then a sequence of 1-D
+        waveforms of any lengths, attacked one utterance per batch, and kept examples are
+        lists of waveforms. Waveform domain only. The transfer attacker's substitute is
+        still trained on clips (``attacker_x``) and crafts on whole utterances through
+        their averaged windows.
 
     Returns:
       ``(clean predictions [N], outcomes)``.
     """
-    x = np.asarray(x, np.float32)
     y = np.asarray(y, np.int32)
+    if windowing is None:
+        x = np.asarray(x, np.float32)
+    else:
+        x = [np.asarray(w, np.float32).reshape(-1) for w in x]
+        if "features" in sweep.domains:
+            raise ValueError("features-domain attacks work on clips: the overlapping windows "
+                             "of an utterance have no single feature map to perturb (use "
+                             "the clip unit for them)")
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} inputs but {len(y)} labels")
     if sweep.bpda and getattr(model, "purifier", None) is None:
         raise ValueError("BPDA attacks need a model with a purifier (ser-train "
                          "--trainer=purifier)")
-    forward = tf.function(lambda w: model(w, training=False), reduce_retracing=True)
+
+    def decision(fn, windowed: bool = False):
+        """The logits an attack sees: a clip's, or an utterance's (windows averaged, also
+        for a model of an ``eval_whole`` run when ``windowed``: the substitute's)."""
+        if windowing is None:
+            return fn
+        reads = dataclasses.replace(windowing, whole=False) if windowed else windowing
+        return reads.logits(fn, model.segment_samples)
+
+    forward = tf.function(decision(lambda w: model(w, training=False)), reduce_retracing=True)
     classify = tf.function(lambda f: model.classify(f, training=False), reduce_retracing=True)
     # The models the BPDA variants differentiate: the same logits, the purifier's backward
     # pass replaced by the identity.
-    straight = {"waveform": lambda w: model(w, training=False, bpda=True),
+    straight = {"waveform": decision(lambda w: model(w, training=False, bpda=True)),
                 "features": lambda f: model.classify(f, training=False, bpda=True)}
     featurize = tf.function(lambda w: model.features(w), reduce_retracing=True)
 
@@ -274,8 +364,9 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, sweep: Sweep, *, batch_size: i
     if any(name.startswith("transfer_") for name, _, _ in runs) and attacker_x is None:
         raise ValueError("transfer attacks need the attacker's own clips (attacker_x)")
     substitutes: dict[str, tuple] = {}
-    steps = len(runs) * len(list(_batches(len(x), batch_size)))
-    bar = tqdm(total=steps, desc="attacks", unit="batch", disable=not progress)
+    spans = _spans(x, batch_size)
+    bar = tqdm(total=len(runs) * len(spans), desc="attacks",
+               unit="batch" if windowing is None else "utt", disable=not progress)
     outcomes = []
     for name, domain, budget in runs:
         base, _, variant = name.partition("+")
@@ -299,6 +390,8 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, sweep: Sweep, *, batch_size: i
                 substitutes[domain] = (_substitute(model, domain, target, own, seed, oracle),
                                        oracle.queries)
             substitute, spent = substitutes[domain]
+            if domain == "waveform":  # the substitute (a compact CNN) reads windows
+                substitute = decision(substitute, windowed=True)
             craft = tf.function(_crafter(entry.fn, substitute, budget, options),
                                 reduce_retracing=True)
             queries = np.full(len(inputs), spent / len(inputs))
@@ -311,23 +404,23 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, sweep: Sweep, *, batch_size: i
             craft = tf.function(_crafter(entry.fn, gradient_model, budget, options),
                                 reduce_retracing=True)
         adv = []
-        for s in _batches(len(inputs), batch_size):
-            xb, yb = inputs[s], y[s]
-            if counter is None and len(xb) < batch_size <= len(inputs):
+        for s in spans:
+            xb, yb = np.stack(inputs[s]), y[s]
+            if windowing is None and counter is None and len(xb) < batch_size <= len(inputs):
                 # Pad the last batch to the traced shape (a second trace costs seconds).
                 pad = batch_size - len(xb)
                 xb = np.concatenate([xb, inputs[:pad]])
                 yb = np.concatenate([yb, y[:pad]])
             before = counter.queries if counter is not None else 0
-            adv.append(np.asarray(craft(tf.constant(xb), tf.constant(yb)))[:s.stop - s.start])
+            adv.extend(np.asarray(craft(tf.constant(xb), tf.constant(yb)))[:s.stop - s.start])
             if counter is not None:
                 # The batch advances together: its queries are shared evenly.
                 queries[s] = (counter.queries - before) / (s.stop - s.start)
             bar.update(1)
-        adv = np.concatenate(adv)
+        adv = adv if windowing is not None else np.stack(adv)
         seconds = time.perf_counter() - start
         y_pred = _predict(target, adv, batch_size)
-        got = achieved(inputs, adv)
+        got = _achieved(inputs, adv)
         outcome = Outcome(name=name, domain=domain, budget=budget, family=entry.family,
                           y_pred=y_pred, linf_db=got["linf_db"], snr_db=got["snr_db"],
                           linf=got["linf"], l2=got["l2"], queries=queries, seconds=seconds)
@@ -432,6 +525,9 @@ class JobConfig:
         from the fold's training and validation speakers, never the test speakers, and
         labelled by querying the target.
       progress: show progress bars.
+      unit: ``clip`` (each test utterance's central ``segment_s`` seconds) or
+        ``utterance`` (each test utterance whole, through the averaged logits of all its
+        windows, as ``metrics.json`` evaluates it; see :class:`Windowing`).
     """
 
     sweep: Sweep = Sweep()
@@ -443,6 +539,14 @@ class JobConfig:
     out_dir: str = ""
     attacker_clips: int = 200
     progress: bool = True
+    unit: str = "clip"
+
+    def __post_init__(self):
+        if self.unit not in UNITS:
+            raise ValueError(f"unknown unit {self.unit!r}; choose from {UNITS}")
+        if self.unit == "utterance" and "features" in self.sweep.domains:
+            raise ValueError("the utterance unit attacks waveforms only: feature-domain "
+                             "attacks need one feature map per input (use the clip unit)")
 
 
 def subsample(y: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -468,22 +572,45 @@ def _write_wav(path: str, wave: np.ndarray, rate: int) -> None:
     tf.io.write_file(path, data)
 
 
-class _Recorder:
-    """Writes a run's kept examples to WAV files and TensorBoard."""
+def _padded(waves) -> np.ndarray:
+    """Waveforms of different lengths as one ``[N, longest]`` array (zeros after each)."""
+    out = np.zeros((len(waves), max(len(w) for w in waves)), np.float32)
+    for k, w in enumerate(waves):
+        out[k, :len(w)] = w
+    return out
 
-    def __init__(self, workdir: str, model, clips: np.ndarray, ids: Sequence[str],
-                 labels: Sequence[str], y: np.ndarray):
+
+class _Recorder:
+    """Writes a run's kept examples to WAV files and TensorBoard.
+
+    ``clips`` are the attacked inputs: fixed-length clips, or a list of whole utterances
+    (whose spectrogram images show their central window, the model's input size).
+    """
+
+    def __init__(self, workdir: str, model, clips, ids: Sequence[str],
+                 labels: Sequence[str], y: np.ndarray, pad_mode: str = "loop"):
         self.root = os.path.join(workdir, "adversarial")
         self.model, self.clips, self.ids, self.labels, self.y = model, clips, ids, labels, y
         self.rate = model.sample_rate
+        self.pad_mode = pad_mode
         self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tb", "attack"))
         self.step: dict[tuple[str, str, str], int] = {}
         self._clean_features: np.ndarray | None = None
 
+    def features(self, waves) -> np.ndarray:
+        """The model's features of clips, or of each utterance's central window."""
+        if isinstance(waves, list):
+            from ser_tf.data.pipeline import fit_length
+
+            waves = np.stack([fit_length(tf.constant(w), self.model.segment_samples,
+                                         tf.constant(0.5), self.pad_mode).numpy()
+                              for w in waves])
+        return self.model.features(waves).numpy()
+
     def clean_features(self, n: int) -> np.ndarray:
-        """Features of the first ``n`` clean clips (computed once for every run)."""
+        """Features of the first ``n`` clean inputs (computed once for every run)."""
         if self._clean_features is None or len(self._clean_features) < n:
-            self._clean_features = self.model.features(self.clips[:n]).numpy()
+            self._clean_features = self.features(self.clips[:n])
         return self._clean_features[:n]
 
     def __call__(self, outcome: Outcome, adv: np.ndarray) -> None:
@@ -503,18 +630,21 @@ class _Recorder:
             n = len(adv)
             if outcome.domain == "waveform":
                 clean = self.clips[:n]
-                tf.summary.audio(f"{tag}/adversarial", adv[:, :, None], self.rate, step=step,
+                # Utterances of different lengths go to TensorBoard zero-padded to the
+                # longest; the WAV files keep each at its own length.
+                clean_t, adv_t = _padded(clean), _padded(adv)
+                tf.summary.audio(f"{tag}/adversarial", adv_t[:, :, None], self.rate,
+                                 step=step, max_outputs=n)
+                tf.summary.audio(f"{tag}/clean", clean_t[:, :, None], self.rate, step=step,
                                  max_outputs=n)
-                tf.summary.audio(f"{tag}/clean", clean[:, :, None], self.rate, step=step,
-                                 max_outputs=n)
-                # The perturbation alone, raised to the clean clip's peak so it can be heard.
-                delta = adv - clean
-                gain = np.abs(clean).max(1, keepdims=True) / np.maximum(
+                # The perturbation alone, raised to the clean input's peak so it can be heard.
+                delta = adv_t - clean_t
+                gain = np.abs(clean_t).max(1, keepdims=True) / np.maximum(
                     np.abs(delta).max(1, keepdims=True), 1e-9)
                 tf.summary.audio(f"{tag}/perturbation_amplified", (delta * gain)[:, :, None],
                                  self.rate, step=step, max_outputs=n)
                 feats_clean = self.clean_features(n)
-                feats_adv = self.model.features(adv).numpy()
+                feats_adv = self.features(adv)
                 self._wavs(outcome, clean, adv)
             else:
                 feats_adv = adv
@@ -578,7 +708,7 @@ def attack_workdir(experiment, job: JobConfig) -> dict:
       ValueError: unknown fold, an untrained fold, or an unsupported run.
       FileNotFoundError: the data is missing.
     """
-    from ser_tf.data.pipeline import central_clips
+    from ser_tf.data.pipeline import central_clips, waveforms
     from ser_tf.training.experiment import open_run
 
     if experiment.train.speaker_norm:
@@ -596,10 +726,17 @@ def attack_workdir(experiment, job: JobConfig) -> dict:
         test = test[keep]
         y = labels_all[test]
         metadata = [decoded.utterances[i] for i in test]
-        clips = central_clips(decoded, test, segment_samples=model.segment_samples,
-                              pad_mode=experiment.train.pad_mode)
-        log.info("%s: attacking %d test utterances of speakers %s", fold.name, len(test),
-                 ",".join(fold.test_speakers))
+        pad_mode = experiment.train.pad_mode
+        windowing = None
+        if job.unit == "utterance":
+            clips = waveforms(decoded, test)
+            hop = max(1, int(round(experiment.train.eval_hop_s * model.sample_rate)))
+            windowing = Windowing(hop, pad_mode, whole=experiment.train.eval_whole)
+        else:
+            clips = central_clips(decoded, test, segment_samples=model.segment_samples,
+                                  pad_mode=pad_mode)
+        log.info("%s: attacking %d test utterances of speakers %s (%s)", fold.name, len(test),
+                 ",".join(fold.test_speakers), UNIT_TEXT[job.unit])
         ids = [os.path.splitext(os.path.basename(u.path))[0] for u in metadata]
         attacker_x = None
         if any(name.startswith("transfer_") for name in job.sweep.attacks):
@@ -607,11 +744,11 @@ def attack_workdir(experiment, job: JobConfig) -> dict:
             own = own[subsample(labels_all[own], job.attacker_clips, job.seed)]
             attacker_x = central_clips(decoded, own, segment_samples=model.segment_samples,
                                        pad_mode=experiment.train.pad_mode)
-        recorder = _Recorder(workdir, model, clips, ids, classes, y)
+        recorder = _Recorder(workdir, model, clips, ids, classes, y, pad_mode)
         clean_pred, outcomes = evaluate(model, clips, y, job.sweep, batch_size=job.batch_size,
                                         seed=job.seed, progress=job.progress,
                                         attacker_x=attacker_x, keep_examples=job.examples,
-                                        on_result=recorder)
+                                        on_result=recorder, windowing=windowing)
         recorder.writer.close()
         fold_report = report(y, clean_pred, outcomes, classes, metadata)
         fold_report.update(fold=fold.name, test_speakers=list(fold.test_speakers))
@@ -625,7 +762,7 @@ def attack_workdir(experiment, job: JobConfig) -> dict:
     robustness.update(
         corpus=experiment.corpus, protocol=experiment.protocol,
         synthetic=any(u.corpus == "synthetic" for u in decoded.utterances),
-        unit=("one clip per test utterance: its central segment_s seconds"),
+        unit=UNIT_TEXT[job.unit],
         folds=[{"fold": r["fold"], "test_speakers": r["test_speakers"],
                 "clean": {k: r["clean"][k] for k in ("accuracy", "uar", "n")},
                 "attacks": [{k: a[k] for k in ("name", "domain", "label", "accuracy", "uar")}

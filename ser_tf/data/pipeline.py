@@ -308,7 +308,7 @@ def fit_length(wave: tf.Tensor, length: int, offset: tf.Tensor, pad_mode: str) -
     Returns:
       ``[length]`` float32.
     """
-    wave = _extend(wave, length, pad_mode)
+    wave = extend(wave, length, pad_mode)
     slack = tf.shape(wave)[0] - length
     start = tf.cast(tf.floor(offset * tf.cast(slack + 1, tf.float32)), tf.int32)
     start = tf.clip_by_value(start, 0, slack)
@@ -474,13 +474,22 @@ def utterance_windows(wave: tf.Tensor, segment_samples: int, hop_samples: int,
 
     The windows of :func:`window_starts` (every ``hop_samples``, the last aligned to the
     end; an utterance shorter than a window is extended with ``pad_mode``). Evaluation and
-    served models window utterances with this one function.
+    served models window utterances with this one function (:func:`batch_windows` for a
+    batch of utterances of one length).
     """
-    n = tf.shape(wave)[0]
+    return batch_windows(wave[None], segment_samples, hop_samples, pad_mode)[0]
+
+
+def batch_windows(waves: tf.Tensor, segment_samples: int, hop_samples: int,
+                  pad_mode: str = "loop") -> tf.Tensor:
+    """:func:`utterance_windows` of each row of ``waves [B, samples]`` (utterances of one
+    length, e.g. the candidates an attack builds around one utterance):
+    ``[B, windows, segment_samples]``, differentiable with respect to ``waves``."""
+    n = tf.shape(waves)[1]
     last = tf.maximum(n - segment_samples, 0)
     starts = tf.concat([tf.range(0, last, hop_samples), last[None]], axis=0)
-    extended = _extend(wave, segment_samples, pad_mode)
-    return tf.gather(extended, starts[:, None] + tf.range(segment_samples)[None, :])
+    extended = extend(waves, segment_samples, pad_mode)
+    return tf.gather(extended, starts[:, None] + tf.range(segment_samples)[None, :], axis=1)
 
 
 def evaluation_dataset(corpus: DecodedCorpus, indices: Sequence[int], *, segment_samples: int,
@@ -520,7 +529,7 @@ def evaluation_dataset(corpus: DecodedCorpus, indices: Sequence[int], *, segment
     position_t = tf.constant(position)
     if whole:
         def utterance(i, wave):
-            extended = _extend(wave, hop_samples, pad_mode)
+            extended = extend(wave, hop_samples, pad_mode)
             return tf.gather(position_t, i)[None], attach(i[None], extended[None])
 
         return _select(corpus, indices).map(utterance).prefetch(AUTOTUNE), int(indices.size)
@@ -587,13 +596,16 @@ def speaker_feature_stats(corpus: DecodedCorpus, feature_fn, *, segment_samples:
     return mean, variance
 
 
-def _extend(wave: tf.Tensor, length: int, pad_mode: str) -> tf.Tensor:
-    """Extends a waveform shorter than ``length`` (loop or zero); longer ones are unchanged."""
-    n = tf.shape(wave)[0]
+def extend(wave: tf.Tensor, length: int, pad_mode: str) -> tf.Tensor:
+    """Extends waveforms shorter than ``length`` samples along their last axis (loop or
+    zero); longer ones are unchanged."""
+    n = tf.shape(wave)[-1]
+    outer = [1] * (wave.shape.rank - 1)
     if pad_mode == "loop":
-        return tf.tile(wave, [tf.maximum(1, (length + n - 1) // n)])
+        reps = tf.maximum(1, (length + n - 1) // n)
+        return tf.tile(wave, tf.concat([tf.constant(outer, tf.int32), reps[None]], axis=0))
     if pad_mode == "zero":
-        return tf.pad(wave, [[0, tf.maximum(0, length - n)]])
+        return tf.pad(wave, [[0, 0]] * len(outer) + [[0, tf.maximum(0, length - n)]])
     raise ValueError(f"pad_mode must be loop or zero, got {pad_mode!r}")
 
 
