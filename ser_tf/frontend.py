@@ -202,21 +202,48 @@ def power_spectrum(waveform: tf.Tensor, frame_length: int, frame_step: int,
         return tf.math.real(spec) ** 2 + tf.math.imag(spec) ** 2
     edges = np.ones(fft_length // 2 + 1, np.complex64)
     edges[0] = edges[-1] = 2.0
+    # The periodic Hann window times N, zero beyond the frame: the backward pass windows and
+    # overlap-adds the inverse FFTs in hop-sized pieces (see _overlap_add).
+    scaled_window = np.zeros(-(-frame_length // frame_step) * frame_step, np.float32)
+    scaled_window[:frame_length] = fft_length * (
+        0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(frame_length) / frame_length))
 
     @tf.custom_gradient
     def power(x):
         spec = stft(x)
 
         def grad(g):
-            window = tf.signal.hann_window(frame_length)
             z = tf.cast(g, tf.complex64) * spec * tf.constant(edges)
-            frames = float(fft_length) * tf.signal.irfft(z, [fft_length])[..., :frame_length]
-            samples = tf.signal.overlap_and_add(frames * window, frame_step)
-            return tf.pad(samples, [[0, 0], [0, tf.shape(x)[-1] - tf.shape(samples)[-1]]])
+            frames = tf.signal.irfft(z, [fft_length])
+            return _overlap_add(frames, scaled_window, frame_step, tf.shape(x)[-1])
 
         return tf.math.real(spec) ** 2 + tf.math.imag(spec) ** 2, grad
 
     return power(waveform)
+
+
+def _overlap_add(frames: tf.Tensor, window: np.ndarray, frame_step: int,
+                 num_samples: tf.Tensor) -> tf.Tensor:
+    """``overlap_and_add(frames[..., :len] * window[:len], frame_step)`` padded to
+    ``num_samples``, where ``window`` is zero past the frame length and ``k * frame_step``
+    long (``k`` frames overlap each sample): the windowed frames are cut into ``k``
+    hop-sized pieces, and piece ``j`` of every frame lands ``j`` hops later, so the sum is
+    ``k`` shifted adds. Cheaper than ``tf.signal.overlap_and_add`` plus a separate slice
+    and product, and exact. ``frames [B, F, L >= len(window)]``."""
+    pieces_n = len(window) // frame_step
+    if frames.shape[-1] < len(window):  # hops so long that k hops pass the FFT length
+        frames = tf.pad(frames, [[0, 0], [0, 0], [0, len(window) - frames.shape[-1]]])
+    batch, count = tf.shape(frames)[0], tf.shape(frames)[1]
+    windowed = frames[..., :len(window)] * tf.constant(window)
+    pieces = tf.reshape(windowed, [batch, count, pieces_n, frame_step])
+    total = None
+    for j in range(pieces_n):
+        shifted = tf.pad(pieces[:, :, j], [[0, 0], [j, pieces_n - 1 - j], [0, 0]])
+        total = shifted if total is None else total + shifted
+    samples = tf.reshape(total, [batch, (count + pieces_n - 1) * frame_step])
+    covered = (count + pieces_n - 1) * frame_step
+    return tf.pad(samples, [[0, 0], [0, tf.maximum(0, num_samples - covered)]]
+                  )[:, :num_samples]
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -102,6 +102,7 @@ def _autodiff_gradient(fn, x: np.ndarray, weights: np.ndarray) -> tuple[np.ndarr
     (16000, 25.0, 10.0, 16037),  # 400-sample frames in a 512 FFT; trailing samples unused
     (8000, 32.0, 16.0, 4096),    # frame = FFT length, half overlap
     (16000, 25.0, 10.0, 400),    # a single frame
+    (16000, 25.0, 18.75, 5000),  # two 300-sample hops pass the 512 FFT
 ])
 def test_power_spectrum_value_and_gradient_match_automatic_differentiation(
         rate, frame_ms, hop_ms, samples):
