@@ -200,7 +200,7 @@ def power_spectrum(waveform: tf.Tensor, frame_length: int, frame_step: int,
     if not _written_gradients:
         spec = stft(waveform)
         return tf.math.real(spec) ** 2 + tf.math.imag(spec) ** 2
-    edges = np.ones(fft_length // 2 + 1, np.complex64)
+    edges = np.ones(fft_length // 2 + 1, np.float32)
     edges[0] = edges[-1] = 2.0
     # The periodic Hann window times N, zero beyond the frame: the backward pass windows and
     # overlap-adds the inverse FFTs in hop-sized pieces (see _overlap_add).
@@ -213,7 +213,7 @@ def power_spectrum(waveform: tf.Tensor, frame_length: int, frame_step: int,
         spec = stft(x)
 
         def grad(g):
-            z = tf.cast(g, tf.complex64) * spec * tf.constant(edges)
+            z = tf.cast(g * tf.constant(edges), tf.complex64) * spec
             frames = tf.signal.irfft(z, [fft_length])
             return _overlap_add(frames, scaled_window, frame_step, tf.shape(x)[-1])
 
