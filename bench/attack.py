@@ -100,7 +100,7 @@ def model_config(flagfile: str | None):
 
 
 def attack_report(repeats: int = 3, *, flagfile: str | None = None, examples: int = 64,
-                  batch_size: int = 32, art_examples: int = 32, seed: int = 0) -> dict:
+                  batch_size: int = 32, art_examples: int = 96, seed: int = 0) -> dict:
     """Examples per second of PGD-10 by ser_tf, ART and the gradient-pass bound.
 
     Args:
@@ -108,7 +108,10 @@ def attack_report(repeats: int = 3, *, flagfile: str | None = None, examples: in
       repeats: timed rounds per contender (after one untimed warm-up each).
       examples: clips attacked per round by ser_tf and timed by the bound.
       batch_size: attack batch size for all contenders.
-      art_examples: clips per ART round (ART is slow; its rate does not depend on it).
+      art_examples: clips per ART round. Now and then one of ART's batches takes about
+        1.5 times as long as the others (seen alone in a process too), so a round of a
+        single batch makes its per-round rate, and the median, swing between two values;
+        three batches per round average over them, as a long attack job would.
       seed: model and random-start seed.
 
     Returns:
