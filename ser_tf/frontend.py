@@ -240,8 +240,8 @@ def _overlap_add(frames: tf.Tensor, window: np.ndarray, frame_step: int,
     for j in range(pieces_n):
         shifted = tf.pad(pieces[:, :, j], [[0, 0], [j, pieces_n - 1 - j], [0, 0]])
         total = shifted if total is None else total + shifted
-    samples = tf.reshape(total, [batch, (count + pieces_n - 1) * frame_step])
     covered = (count + pieces_n - 1) * frame_step
+    samples = tf.reshape(total, [batch, covered])
     return tf.pad(samples, [[0, 0], [0, tf.maximum(0, num_samples - covered)]]
                   )[:, :num_samples]
 

@@ -708,7 +708,7 @@ def attack_workdir(experiment, job: JobConfig) -> dict:
       ValueError: unknown fold, an untrained fold, or an unsupported run.
       FileNotFoundError: the data is missing.
     """
-    from ser_tf.data.pipeline import central_clips, waveforms
+    from ser_tf.data.pipeline import central_clips, hop_in_samples, waveforms
     from ser_tf.training.experiment import open_run
 
     if experiment.train.speaker_norm:
@@ -730,8 +730,9 @@ def attack_workdir(experiment, job: JobConfig) -> dict:
         windowing = None
         if job.unit == "utterance":
             clips = waveforms(decoded, test)
-            hop = max(1, int(round(experiment.train.eval_hop_s * model.sample_rate)))
-            windowing = Windowing(hop, pad_mode, whole=experiment.train.eval_whole)
+            windowing = Windowing(hop_in_samples(experiment.train.eval_hop_s,
+                                                 model.sample_rate),
+                                  pad_mode, whole=experiment.train.eval_whole)
         else:
             clips = central_clips(decoded, test, segment_samples=model.segment_samples,
                                   pad_mode=pad_mode)
@@ -743,7 +744,7 @@ def attack_workdir(experiment, job: JobConfig) -> dict:
             own = np.concatenate([np.asarray(fold.train), np.asarray(fold.val)]).astype(int)
             own = own[subsample(labels_all[own], job.attacker_clips, job.seed)]
             attacker_x = central_clips(decoded, own, segment_samples=model.segment_samples,
-                                       pad_mode=experiment.train.pad_mode)
+                                       pad_mode=pad_mode)
         recorder = _Recorder(workdir, model, clips, ids, classes, y, pad_mode)
         clean_pred, outcomes = evaluate(model, clips, y, job.sweep, batch_size=job.batch_size,
                                         seed=job.seed, progress=job.progress,

@@ -458,6 +458,11 @@ def training_dataset(corpus: DecodedCorpus, indices: Sequence[int], labels: Sequ
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
 
 
+def hop_in_samples(hop_s: float, sample_rate: int) -> int:
+    """The hop between evaluation windows in samples (at least one) for a hop in seconds."""
+    return max(1, int(round(hop_s * sample_rate)))
+
+
 def window_starts(num_samples: int, segment_samples: int, hop_samples: int) -> list[int]:
     """Start offsets of the evaluation windows of one utterance (last aligned to the end)."""
     if num_samples <= segment_samples:

@@ -14,6 +14,7 @@ import os
 from typing import Sequence
 
 from ser_tf.data.audio import AudioConfig
+from ser_tf.data.pipeline import hop_in_samples
 
 SPEC_FILE = "serving.json"
 
@@ -53,7 +54,7 @@ class ServingSpec:
         """The spec of a trained :class:`~ser_tf.models.SERModel` and its run's settings."""
         return cls(labels=tuple(model.labels), sample_rate=model.sample_rate,
                    segment_samples=model.segment_samples,
-                   hop_samples=max(1, int(round(hop_s * model.sample_rate))),
+                   hop_samples=hop_in_samples(hop_s, model.sample_rate),
                    pad_mode=pad_mode, audio=audio)
 
     def to_dict(self) -> dict:

@@ -41,7 +41,7 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
 from ser_tf.data.pipeline import (AugmentConfig, DecodedCorpus, evaluation_dataset,
-                                  speaker_feature_stats, training_dataset)
+                                  hop_in_samples, speaker_feature_stats, training_dataset)
 from ser_tf.evaluation.metrics import evaluate_predictions
 from ser_tf.evaluation.predict import predict_utterances
 from ser_tf.evaluation.report import confusion_matrix_png, png_to_tensor, spectrograms_png
@@ -268,7 +268,7 @@ class FoldTrainer:
         self.best_path = os.path.join(self.ckpt_dir, "best.weights.h5")
         self.rate = corpus.config.sample_rate
         self.segment = int(round(model_cfg.segment_s * self.rate))
-        self.hop = max(1, int(round(cfg.eval_hop_s * self.rate)))
+        self.hop = hop_in_samples(cfg.eval_hop_s, self.rate)
         self.state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "wait": 0,
                       "history": [], "train_seconds": 0.0}
         self.val_writer = tf.summary.create_file_writer(
