@@ -464,3 +464,60 @@ class SpecAugment(keras.layers.Layer):
         config.update(freq_masks=self.freq_masks, freq_width=self.freq_width,
                       time_masks=self.time_masks, time_width=self.time_width, seed=self.seed)
         return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class InputNoise(keras.layers.Layer):
+    """Gaussian noise added to each waveform at a level relative to its own peak, in
+    training *and* at inference: the randomized input defense (Gaussian augmentation with
+    noise kept at test time, as in randomized smoothing, Cohen et al. 2019).
+
+    The noise of example ``i`` has standard deviation ``10 ** (level_db / 20) * max|x_i|``,
+    the same scale as the attacks' L-inf budgets (dB below each utterance's peak), so a
+    ``level_db`` a few dB above the attack budget drowns the perturbation's quiet cells in
+    noise the model was trained on. The scale is differentiated like everything else (an
+    attacker who moves the peak moves the noise). A model with this layer is random:
+    :class:`ser_tf.models.SERModel` averages the logits of ``draws`` noise draws at
+    inference, and it can only be judged by attacks that average gradients over draws
+    too (expectation over transformation, ``ser-attack --eot``).
+
+    Args:
+      level_db: noise standard deviation in dB relative to each waveform's peak.
+      draws: noise draws whose logits the model averages at inference (training uses one
+        draw per example).
+      seed: op-level seed of the noise (with TensorFlow's global seed, the draws repeat).
+
+    The noise is a stateful ``tf.random.normal``, which TFLite runs as its built-in
+    RANDOM_STANDARD_NORMAL, so exported models stay random too.
+    """
+
+    def __init__(self, level_db: float = -30.0, draws: int = 1, seed: int | None = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if not level_db < 0:
+            raise ValueError(f"level_db must be negative (dB below each waveform's peak), "
+                             f"got {level_db}")
+        if draws < 1:
+            raise ValueError(f"draws must be at least 1, got {draws}")
+        self.level_db = float(level_db)
+        self.draws = int(draws)
+        self.seed = seed
+
+    @property
+    def scale(self) -> float:
+        """Noise standard deviation per unit of peak amplitude."""
+        return 10.0 ** (self.level_db / 20.0)
+
+    def call(self, waveform: tf.Tensor) -> tf.Tensor:
+        waveform = tf.convert_to_tensor(waveform, tf.float32)
+        peak = tf.reduce_max(tf.abs(waveform), axis=-1, keepdims=True)
+        noise = tf.random.normal(tf.shape(waveform), seed=self.seed)
+        return waveform + (self.scale * peak) * noise
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(level_db=self.level_db, draws=self.draws, seed=self.seed)
+        return config

@@ -468,3 +468,169 @@ def test_frechet_distance_matches_the_closed_form():
     # Isotropic Gaussians: |mu_a - mu_b|^2 + d * (s_a - s_b)^2 = 3 + 3 * 1.
     assert frechet_distance(a, b) == pytest.approx(6.0, rel=0.03)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+# -- the randomized input defense and expectation over transformation -----------------------
+
+
+@pytest.fixture(scope="module")
+def noisy_tone_model():
+    """The tone CNN trained with input noise at -25 dB, kept at inference."""
+    keras.utils.set_random_seed(0)
+    config = ModelConfig(name="cnn", sample_rate=8000, segment_s=0.5, n_mels=24,
+                         conv_filters=(8, 16), dense_units=16, dropout=0.0,
+                         specaugment=False, input_noise_db=-25.0)
+    model = build_model(config, TONE_LABELS, seed=0)
+    x, y = tone_dataset(30, seed=0)
+    model.normalizer.adapt([model.raw_features(x)])
+    model.compile(optimizer=keras.optimizers.Adam(3e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=20, epochs=10, verbose=0)
+    return model
+
+
+def test_a_random_model_averages_its_draws_and_saves_loads_and_exports_random(
+        noisy_tone_model, tmp_path):
+    from ser_tf.serving.export import (REDRAW, ExportJob, format_report, verify_artifacts,
+                                       write_artifacts)
+    from ser_tf.serving.runtime import KerasPredictor, load_predictor
+    from ser_tf.serving.spec import ServingSpec
+    from ser_tf.serving.tflite import op_summary
+
+    model = noisy_tone_model
+    x, y = tone_dataset(4, seed=5)
+    assert model.random and not _tone_model().random
+    assert np.mean(np.argmax(model(x), -1) == y) >= 0.9, "the noisy tone model did not learn"
+
+    def spread(draws: int) -> float:
+        model.noise.draws = draws
+        try:
+            return float(np.std(np.stack([model(x).numpy() for _ in range(12)]), axis=0).mean())
+        finally:
+            model.noise.draws = 1
+
+    one, sixteen = spread(1), spread(16)
+    assert one > 0, "input noise must make the logits random"
+    # Averaging 16 independent draws divides the spread by about 4.
+    assert sixteen < one / 2.5, (one, sixteen)
+
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.random and loaded.noise.get_config() == model.noise.get_config()
+    feats = model.features(x)
+    np.testing.assert_allclose(loaded.classify(feats).numpy(), model.classify(feats).numpy(),
+                               atol=1e-5)
+
+    spec = ServingSpec.for_model(loaded, AudioConfig(sample_rate=8000), hop_s=0.25)
+    paths = write_artifacts(loaded, spec, str(tmp_path / "export"), ("float32",), None)
+    with open(paths["float32"], "rb") as f:
+        ops = op_summary(f.read())
+    assert ops["flex_ops"] == [] and ops["ops"].get("RANDOM_STANDARD_NORMAL") == 1
+    for name in ("savedmodel", "float32"):
+        predictor = load_predictor(paths[name])
+        first, second = predictor.window_logits(x), predictor.window_logits(x)
+        assert not np.allclose(first, second), f"{name} lost the input noise"
+        assert np.mean(first.argmax(-1) == y) >= 0.9, name
+
+    # ser-export's checks: Keras is drawn twice, and the bars allow for the difference.
+    keras_predictor = KerasPredictor(loaded, spec)
+    waves, y = tone_dataset(4, seed=6, seconds=0.8)
+    clips = np.stack([keras_predictor.windows(w)[0] for w in waves])
+    job = ExportJob(transfer_linf_db=(-30.0,), blackbox_clips=3, latency_utterances=2,
+                    progress=False)
+    report = verify_artifacts(loaded, spec, paths, list(waves), clips, y, TONE_LABELS, job,
+                              paths["savedmodel"])
+    rows = {r["name"]: r for r in report["artifacts"]}
+    assert list(rows) == ["keras", REDRAW, "savedmodel", "float32"]
+    assert report["random_model"] and report["input_noise"] == {"level_db": -25.0, "draws": 1}
+    assert rows[REDRAW]["checks"] == [] and rows[REDRAW]["latency"] == rows["keras"]["latency"]
+    p = rows[REDRAW]["agreement"]
+    bar = min(0.999, p - 2 * np.sqrt(2 * p * (1 - p) / len(y)))
+    assert rows["savedmodel"]["checks"][0]["check"] == f"agreement >= {round(bar, 4)}"
+    assert "random model" in format_report(report)
+
+
+def test_export_checks_of_a_random_model_give_way_by_the_redraws_variation():
+    from ser_tf.serving.export import _checks
+
+    keras_row = {"n": 50, "uar": 0.60, "robust": {"t": {"accuracy": 0.30}}}
+    redraw = {"agreement": 0.9, "uar": 0.58, "robust": {"t": {"accuracy": 0.26}}}
+    row = {"agreement": 0.85, "uar": 0.52, "robust": {"t": {"accuracy": 0.20}}}
+    margin = 2 * np.sqrt(2 * 0.9 * 0.1 / 50)  # 0.12
+    agree, uar, robust = _checks("int8", row, keras_row, redraw)
+    assert agree["check"] == f"agreement >= {round(0.9 - margin, 4)}" and agree["ok"]
+    assert uar["check"] == f"UAR within {0.02 + 0.02 + margin:.2f} of Keras" and uar["ok"]
+    assert robust["ok"] and robust["value"] == pytest.approx(0.10)
+    # Without the redraw (a deterministic model) the same artifact fails every bar.
+    assert not any(c["ok"] for c in _checks("int8", row, keras_row))
+
+
+def test_eot_gradient_estimates_the_expected_gradient_better_than_one_draw(noisy_tone_model):
+    model = noisy_tone_model
+    x, y = tone_dataset(2, seed=6)
+    x = tf.constant(x)
+
+    def gradient(fn):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, fn(x)))
+        return tape.gradient(loss, x).numpy()
+
+    def cosine(a, b):
+        return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+    tf.random.set_seed(0)
+    reference = gradient(whitebox.expectation_over_transformation(model, 256))
+    single = np.mean([cosine(gradient(model), reference) for _ in range(4)])
+    eot = np.mean([cosine(gradient(whitebox.expectation_over_transformation(model, 32)),
+                          reference) for _ in range(4)])
+    assert eot > single + 0.1 and eot > 0.7, (single, eot)
+    # On a deterministic function EOT changes nothing.
+    plain = _tone_model()
+    assert whitebox.expectation_over_transformation(plain, 1) is plain
+    np.testing.assert_allclose(whitebox.expectation_over_transformation(plain, 3)(x).numpy(),
+                               plain(x).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="at least one"):
+        whitebox.expectation_over_transformation(plain, 0)
+
+
+def test_attack_runner_averages_gradients_only_for_random_models(noisy_tone_model):
+    from ser_tf.attacks.runner import Sweep, evaluate
+
+    x, y = tone_dataset(3, seed=7)
+    sweep = Sweep(attacks=("pgd",), linf_db=(-30.0,), options={"pgd": {"steps": 2}}, eot=4)
+    clean, outcomes = evaluate(noisy_tone_model, x, y, sweep, batch_size=9, progress=False)
+    assert [o.name for o in outcomes] == ["pgd"]
+    assert np.nanmax(outcomes[0].linf_db) <= -30.0 + 1e-3
+    with pytest.raises(ValueError, match="random model"):
+        evaluate(_tone_model(), x, y, sweep, progress=False)
+    with pytest.raises(ValueError, match="eot"):
+        Sweep(eot=0)
+
+
+def test_trainer_learns_normalisation_on_noisy_features_and_saves_a_random_model(
+        manifest, tmp_path):
+    cfg = ExperimentConfig(workdir=str(tmp_path / "w"), corpus="manifest", data_dir=manifest,
+                           protocol="speakers", test_speakers=("s01",), val_speakers=1,
+                           audio=AudioConfig(),
+                           model=dataclasses.replace(TINY_MODEL, input_noise_db=-20.0,
+                                                     noise_draws=2),
+                           train=TrainConfig(epochs=1, batch_size=8, patience=0), verbose=0)
+    metrics = run_experiment(cfg, fold_trainer(cfg))
+    assert 0.0 <= metrics["uar"] <= 1.0
+    model = keras.saving.load_model(os.path.join(cfg.workdir, "model.keras"))
+    assert model.random and model.noise.level_db == -20.0 and model.noise.draws == 2
+    # The normaliser's statistics are those of noisy features, what the classifier reads:
+    # nearer the per-bin mean of the corpus' features with the noise than without it.
+    from ser_tf.data.corpora import load_corpus
+    from ser_tf.data.pipeline import decode_corpus, waveforms
+
+    decoded = decode_corpus(load_corpus("manifest", manifest), AudioConfig(), progress=False)
+    waves = waveforms(decoded, range(len(decoded.utterances)))
+    clean = np.concatenate([model.frontend(w[None]).numpy()[0] for w in waves])
+    noisy = np.concatenate([model.raw_features(w[None]).numpy()[0] for w in waves])
+    learned = model.normalizer.mean.numpy().reshape(-1)
+    assert np.abs(noisy.mean(0) - clean.mean(0)).mean() > 0.5, "the noise must matter here"
+    assert (np.abs(learned - noisy.mean(0).reshape(-1)).mean()
+            < 0.5 * np.abs(learned - clean.mean(0).reshape(-1)).mean())

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ser_tf.frontend import (MAX_BLOCK_WEIGHTS, FeatureNormalization, LogMelFrontend,
-                             SpecAugment, automatic_gradients, blocked_matmul, dct_matrix,
-                             deltas, mel_filterbank, power_spectrum, projection_blocks)
+from ser_tf.frontend import (MAX_BLOCK_WEIGHTS, FeatureNormalization, InputNoise,
+                             LogMelFrontend, SpecAugment, automatic_gradients, blocked_matmul,
+                             dct_matrix, deltas, mel_filterbank, power_spectrum,
+                             projection_blocks)
 from ser_tf.models.layers import ChunkEncoder
 
 
@@ -183,9 +184,31 @@ def test_specaugment_only_when_training():
     assert not np.array_equal(y[0], y[1])
 
 
+def test_input_noise_is_white_gaussian_at_its_level_below_each_peak_in_every_mode():
+    layer = InputNoise(level_db=-30.0, seed=3)
+    x = np.zeros((2, 40000), np.float32)
+    x[0, 7], x[1, 11] = 0.5, -0.1
+    noise = layer(x).numpy() - x
+    np.testing.assert_allclose(noise.std(axis=1), [0.5 * 10 ** -1.5, 0.1 * 10 ** -1.5],
+                               rtol=0.03)
+    np.testing.assert_allclose(noise.mean(axis=1), 0.0, atol=2e-4)
+    # White: neighbouring samples are uncorrelated.
+    lag1 = np.corrcoef(noise[0, :-1], noise[0, 1:])[0, 1]
+    assert abs(lag1) < 0.03
+    # Fresh noise on every call, in inference as in training; silence stays silent.
+    again = layer(x, training=False).numpy() - x
+    assert not np.allclose(noise, again)
+    assert np.all(layer(np.zeros((1, 100), np.float32)).numpy() == 0.0)
+    with pytest.raises(ValueError, match="negative"):
+        InputNoise(level_db=0.0)
+    with pytest.raises(ValueError, match="draws"):
+        InputNoise(level_db=-30.0, draws=0)
+
+
 @pytest.mark.parametrize("layer", [
     LogMelFrontend(8000, frame_ms=32, hop_ms=8, n_mels=24, n_mfcc=12, use_deltas=True),
     SpecAugment(1, 3, 1, 4, seed=5),
+    InputNoise(-34.0, draws=4, seed=2),
     FeatureNormalization(per_utterance=True, epsilon=1e-3),
     ChunkEncoder(chunk_frames=10, hop_frames=5, filters=(4, 8), kernel_sizes=(3, 3), units=6,
                  dropout=0.1),

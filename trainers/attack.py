@@ -5,6 +5,7 @@ Examples:
   ser-attack --workdir=runs/emodb_loso --fold=fold_03 --attacks=fgsm,pgd,mim,cw_l2 \\
       --domains=waveform,features --linf_db=-50,-40,-30 --feature_linf=0.25,0.75,1.25
   ser-attack --workdir=runs/emodb_loso --fold=fold_03 --attacks=pgd --unit=utterance
+  ser-attack --workdir=runs/noisy --attacks=pgd --steps=20 --eot=16
 
 Reads the training run's flags.txt, so the test utterances are exactly those of the run's
 speaker-independent split, and writes into the workdir (and each attacked fold_XX/):
@@ -61,6 +62,10 @@ flags.DEFINE_integer("attacker_clips", 200, "Transfer attacks: clips of the non-
 flags.DEFINE_bool("bpda", False, "Also run every white-box attack with straight-through "
                   "(BPDA) gradients through the model's purifier, as NAME+bpda (models "
                   "trained with --trainer=purifier).")
+flags.DEFINE_integer("eot", 1, "Expectation over transformation: white-box attacks follow "
+                     "the logits averaged over this many draws of a random model's input "
+                     "noise per gradient (models trained with --input_noise_db; 1: one "
+                     "draw).")
 flags.DEFINE_enum("unit", "clip", ["clip", "utterance"], "What is attacked: clip (each test "
                   "utterance's central --segment_s seconds, one model input) or utterance "
                   "(each test utterance whole, through its logits averaged over all windows, "
@@ -94,7 +99,7 @@ def main(argv):
                       snr_db=common.floats(FLAGS.snr_db, "snr_db"),
                       feature_linf=common.floats(FLAGS.feature_linf, "feature_linf"),
                       feature_l2=common.floats(FLAGS.feature_l2, "feature_l2"), options=options,
-                      bpda=FLAGS.bpda)
+                      bpda=FLAGS.bpda, eot=FLAGS.eot)
         sweep.runs()  # builds every Budget, which validates its value
         progress = sys.stderr.isatty() if FLAGS.progress is None else FLAGS.progress
         job = JobConfig(sweep=sweep, folds=tuple(FLAGS.fold),

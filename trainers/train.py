@@ -79,6 +79,12 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_bool("per_utterance_norm", False, "Subtract each utterance's own feature mean "
                       "(uses only that utterance: still strict).", flag_values=fv)
     flags.DEFINE_bool("specaugment", True, "SpecAugment masking while training.", flag_values=fv)
+    flags.DEFINE_float("input_noise_db", 0.0, "Randomized input defense: Gaussian noise at "
+                       "this level (dB below each waveform's peak, e.g. -34) added before "
+                       "the frontend in training and at inference; 0: none. Judge such "
+                       "models with ser-attack --eot.", flag_values=fv)
+    flags.DEFINE_integer("noise_draws", 1, "Noise draws whose logits a model with "
+                         "--input_noise_db averages per prediction.", flag_values=fv)
     flags.DEFINE_list("conv_filters", ["16", "32", "64"], "Filters per conv block.", flag_values=fv)
     flags.DEFINE_integer("chunk_frames", 32, "CNN-LSTM: frames per time chunk.", flag_values=fv)
     flags.DEFINE_integer("chunk_hop", 16, "CNN-LSTM: hop between chunks (frames).", flag_values=fv)
@@ -247,7 +253,8 @@ def build_config(fv: flags.FlagValues = FLAGS):
                         use_deltas=fv.deltas, frame_ms=fv.frame_ms, hop_ms=fv.hop_ms,
                         fmin=fv.fmin, per_utterance_norm=fv.per_utterance_norm,
                         log_floor=fv.log_floor,
-                        specaugment=fv.specaugment,
+                        specaugment=fv.specaugment, input_noise_db=fv.input_noise_db,
+                        noise_draws=fv.noise_draws,
                         conv_filters=tuple(int(f) for f in fv.conv_filters),
                         chunk_frames=fv.chunk_frames, hop_frames=fv.chunk_hop,
                         chunk_units=fv.chunk_units, lstm_units=fv.lstm_units,

@@ -9,8 +9,9 @@ Every attack is a function ``attack(model_fn, x, *, budget, y=None, targeted=Fal
 from ser_tf.attacks.blackbox import (QueryCounter, hop_skip_jump, spsa, train_substitute,
                                      transfer_attack)
 from ser_tf.attacks.budget import Budget, achieved, project
-from ser_tf.attacks.whitebox import bim, carlini_wagner_l2, fgm, fgsm, mim, pgd
+from ser_tf.attacks.whitebox import (bim, carlini_wagner_l2, expectation_over_transformation,
+                                     fgm, fgsm, mim, pgd)
 
-__all__ = ["Budget", "achieved", "project", "bim",
-           "carlini_wagner_l2", "fgm", "fgsm", "mim", "pgd", "QueryCounter", "hop_skip_jump",
-           "spsa", "train_substitute", "transfer_attack"]
+__all__ = ["Budget", "achieved", "project", "bim", "carlini_wagner_l2",
+           "expectation_over_transformation", "fgm", "fgsm", "mim", "pgd", "QueryCounter",
+           "hop_skip_jump", "spsa", "train_substitute", "transfer_attack"]

@@ -156,6 +156,10 @@ class Sweep:
       options: per-attack option overrides, ``{name: {option: value}}``.
       bpda: also run every white-box attack through the straight-through (BPDA) version
         of a model's purifier, as ``NAME+bpda`` (see :meth:`ser_tf.models.SERModel.classify`).
+      eot: white-box attacks (BPDA variants too) follow gradients of the logits averaged
+        over this many draws of a random model's randomness
+        (:func:`ser_tf.attacks.whitebox.expectation_over_transformation`); 1: one draw per
+        gradient. Black-box attacks query the model as it answers.
     """
 
     attacks: Sequence[str] = ("fgsm", "pgd", "mim")
@@ -166,8 +170,11 @@ class Sweep:
     feature_l2: Sequence[float] = (5.0, 10.0, 20.0)
     options: dict = dataclasses.field(default_factory=dict)
     bpda: bool = False
+    eot: int = 1
 
     def __post_init__(self):
+        if self.eot < 1:
+            raise ValueError(f"eot must be at least 1, got {self.eot}")
         unknown = sorted(set(self.attacks) - set(ATTACKS))
         if unknown or not self.attacks:
             raise ValueError(f"unknown attacks {unknown}; choose from {sorted(ATTACKS)}")
@@ -337,6 +344,9 @@ def evaluate(model, x, y: np.ndarray, sweep: Sweep, *, batch_size: int = 32,
     if sweep.bpda and getattr(model, "purifier", None) is None:
         raise ValueError("BPDA attacks need a model with a purifier (ser-train "
                          "--trainer=purifier)")
+    if sweep.eot > 1 and not getattr(model, "random", False):
+        raise ValueError(f"EOT over {sweep.eot} draws needs a random model (ser-train "
+                         "--input_noise_db): this one gives the same logits every time")
 
     def decision(fn, windowed: bool = False):
         """The logits an attack sees: a clip's, or an utterance's (windows averaged, also
@@ -374,7 +384,8 @@ def evaluate(model, x, y: np.ndarray, sweep: Sweep, *, batch_size: int = 32,
         options = {**entry.options, **sweep.options.get(base, {})}
         inputs = x if domain == "waveform" else features
         target = forward if domain == "waveform" else classify
-        gradient_model = straight[domain] if variant == "bpda" else target
+        gradient_model = whitebox.expectation_over_transformation(
+            straight[domain] if variant == "bpda" else target, sweep.eot)
         bar.set_postfix_str(f"{name} {domain} {budget.label}")
         tf.random.set_seed(seed)
         start = time.perf_counter()
@@ -763,7 +774,7 @@ def attack_workdir(experiment, job: JobConfig) -> dict:
     robustness.update(
         corpus=experiment.corpus, protocol=experiment.protocol,
         synthetic=any(u.corpus == "synthetic" for u in decoded.utterances),
-        unit=UNIT_TEXT[job.unit],
+        unit=UNIT_TEXT[job.unit], eot=job.sweep.eot,
         folds=[{"fold": r["fold"], "test_speakers": r["test_speakers"],
                 "clean": {k: r["clean"][k] for k in ("accuracy", "uar", "n")},
                 "attacks": [{k: a[k] for k in ("name", "domain", "label", "accuracy", "uar")}

@@ -40,6 +40,37 @@ from ser_tf.attacks.budget import Budget, project, scaled_problem
 ModelFn = Callable[[tf.Tensor], tf.Tensor]
 
 
+def expectation_over_transformation(model_fn: ModelFn, samples: int) -> ModelFn:
+    """``model_fn`` averaged over ``samples`` calls: for attacking a random model.
+
+    Expectation over transformation (EOT; Athalye et al. 2018): each input is repeated
+    ``samples`` times in one batch, so a random model (e.g. one with
+    :class:`ser_tf.frontend.InputNoise`) draws its randomness independently for each
+    copy, and the copies' logits are averaged. Any attack handed the result follows the
+    gradient of the averaged logits, a ``samples``-draw estimate of the expected model,
+    instead of the gradient of one draw. The batch the model sees is ``samples`` times
+    larger: lower the attack's batch size if memory runs short.
+
+    Args:
+      model_fn: inputs ``[B, ...]`` -> logits ``[B, classes]``.
+      samples: copies per input (1: ``model_fn`` itself).
+
+    Returns:
+      inputs ``[B, ...]`` -> averaged logits ``[B, classes]``.
+    """
+    if samples < 1:
+        raise ValueError(f"EOT needs at least one sample, got {samples}")
+    if samples == 1:
+        return model_fn
+
+    def averaged(x):
+        batch = tf.shape(x)[0]
+        logits = model_fn(tf.concat([x] * samples, axis=0))
+        return tf.reduce_mean(tf.reshape(logits, [samples, batch, -1]), axis=0)
+
+    return averaged
+
+
 def _labels(model_fn: ModelFn, x: tf.Tensor, y, targeted: bool,
             soft: bool = False) -> tf.Tensor:
     if soft:

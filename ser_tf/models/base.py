@@ -7,6 +7,10 @@ and a classifier network over normalised features. It exposes the two halves sep
 defenses can reach the classifier's input, while ``model(waveform)`` is the end-to-end,
 differentiable waveform -> logits graph used for training, waveform attacks and export.
 Softmax is deliberately absent: models return logits (serving adds the softmax).
+
+A model may be random at inference: with an :class:`ser_tf.frontend.InputNoise` layer
+(the randomized input defense) every call adds fresh noise to the waveforms, and
+``model(waveform)`` returns the logits averaged over the layer's ``draws``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from ser_tf.frontend import FeatureNormalization, LogMelFrontend, SpecAugment
+from ser_tf.frontend import FeatureNormalization, InputNoise, LogMelFrontend, SpecAugment
 
 
 @keras.saving.register_keras_serializable(package="ser_tf")
@@ -35,12 +39,15 @@ class SERModel(keras.Model):
         shape before the classifier (the GAN defense, :mod:`ser_tf.defenses.purifier`);
         part of :meth:`classify`, so feature- and waveform-domain attacks, saving and
         export all see it.
+      noise: optional random noise added to the waveforms before the frontend, in training
+        and at inference (:class:`ser_tf.frontend.InputNoise`).
     """
 
     def __init__(self, frontend: LogMelFrontend, normalizer: FeatureNormalization,
                  classifier: keras.Model, specaugment: SpecAugment | None = None,
                  labels: Sequence[str] = (), segment_s: float = 3.0,
-                 purifier: keras.Model | None = None, **kwargs):
+                 purifier: keras.Model | None = None, noise: InputNoise | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.frontend = frontend
         self.normalizer = normalizer
@@ -49,6 +56,7 @@ class SERModel(keras.Model):
         self.labels = tuple(labels)
         self.segment_s = float(segment_s)
         self.purifier = purifier
+        self.noise = noise
 
     @property
     def sample_rate(self) -> int:
@@ -60,7 +68,14 @@ class SERModel(keras.Model):
         """Training input length in samples."""
         return int(round(self.segment_s * self.sample_rate))
 
+    @property
+    def random(self) -> bool:
+        """Whether the logits are random at inference (the model has input noise)."""
+        return self.noise is not None
+
     def build(self, input_shape):
+        if self.noise is not None and not self.noise.built:
+            self.noise.build(tuple(input_shape))
         feature_shape = self.frontend.compute_output_shape(tuple(input_shape))
         if not self.normalizer.built:
             self.normalizer.build(feature_shape)
@@ -79,12 +94,21 @@ class SERModel(keras.Model):
           inputs: waveforms ``[batch, samples]``, or a dict with ``"waveform"`` and, for
             per-speaker normalisation, ``"norm_mean"``/``"norm_var"`` ``[batch, bins, C]``
             that replace the learned statistics.
-          training: unused here (the frontend and normaliser behave the same).
+          training: unused here (the frontend and normaliser behave the same; input
+            noise, if any, is drawn in both modes, once per example).
         """
         if isinstance(inputs, dict):
-            return self.normalizer(self.frontend(inputs["waveform"]),
+            return self.normalizer(self.raw_features(inputs["waveform"]),
                                    mean=inputs.get("norm_mean"), variance=inputs.get("norm_var"))
-        return self.normalizer(self.frontend(inputs))
+        return self.normalizer(self.raw_features(inputs))
+
+    def raw_features(self, waveform) -> tf.Tensor:
+        """Features before normalisation ``[batch, frames, bins, C]``: the frontend's, of
+        the waveforms with the input noise, if any (what the normaliser's statistics are
+        learned from)."""
+        if self.noise is not None:
+            waveform = self.noise(waveform)
+        return self.frontend(waveform)
 
     def classify(self, features: tf.Tensor, training: bool | None = None,
                  bpda: bool = False) -> tf.Tensor:
@@ -106,8 +130,17 @@ class SERModel(keras.Model):
         return self.classifier(features, training=training)
 
     def call(self, inputs, training: bool | None = None, bpda: bool = False) -> tf.Tensor:
-        return self.classify(self.features(inputs, training=training), training=training,
-                             bpda=bpda)
+        draws = self.noise.draws if self.noise is not None and not training else 1
+        if draws == 1:
+            return self.classify(self.features(inputs, training=training), training=training,
+                                 bpda=bpda)
+        # Inference of a random model: every example ``draws`` times in one batch, each
+        # with its own noise, and the logits averaged per example.
+        batch = tf.shape(tf.nest.flatten(inputs)[0])[0]
+        tiled = tf.nest.map_structure(lambda t: tf.concat([t] * draws, axis=0), inputs)
+        logits = self.classify(self.features(tiled, training=training), training=training,
+                               bpda=bpda)
+        return tf.reduce_mean(tf.reshape(logits, [draws, batch, -1]), axis=0)
 
     def with_purifier(self, purifier: keras.Model) -> "SERModel":
         """A new model with the same (shared) layers and ``purifier`` before the classifier.
@@ -117,7 +150,8 @@ class SERModel(keras.Model):
         """
         model = SERModel(self.frontend, self.normalizer, self.classifier,
                          specaugment=self.specaugment, labels=self.labels,
-                         segment_s=self.segment_s, purifier=purifier, name=self.name)
+                         segment_s=self.segment_s, purifier=purifier, noise=self.noise,
+                         name=self.name)
         model.build((None, self.segment_samples))
         return model
 
@@ -132,6 +166,7 @@ class SERModel(keras.Model):
             "labels": list(self.labels),
             "segment_s": self.segment_s,
             "purifier": ser(self.purifier) if self.purifier is not None else None,
+            "noise": ser(self.noise) if self.noise is not None else None,
         }
 
     @classmethod
@@ -140,7 +175,7 @@ class SERModel(keras.Model):
         de = keras.saving.deserialize_keras_object
         for key in ("frontend", "normalizer", "classifier"):
             config[key] = de(config[key])
-        for key in ("specaugment", "purifier"):
+        for key in ("specaugment", "purifier", "noise"):
             if config.get(key) is not None:
                 config[key] = de(config[key])
         return cls(**config)

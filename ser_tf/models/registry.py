@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 import keras
 
-from ser_tf.frontend import FeatureNormalization, LogMelFrontend, SpecAugment
+from ser_tf.frontend import FeatureNormalization, InputNoise, LogMelFrontend, SpecAugment
 from ser_tf.models.base import SERModel
 from ser_tf.models.cnn import cnn_classifier
 from ser_tf.models.cnn_lstm import cnn_lstm_classifier, functionals_classifier
@@ -33,6 +33,10 @@ class ModelConfig:
         of quiet frames (and of tiny perturbations there) flatter: a frontend less
         sensitive to low-level adversarial noise.
       specaugment: enable SpecAugment during training.
+      input_noise_db: 0 for none, else Gaussian noise at this level (dB below each
+        waveform's peak) added before the frontend in training and at inference: the
+        randomized input defense (:class:`ser_tf.frontend.InputNoise`).
+      noise_draws: noise draws averaged per prediction at inference.
       conv_filters: filters per conv block.
       chunk_frames: CNN-LSTM chunk length in frames.
       hop_frames: CNN-LSTM chunk hop in frames.
@@ -59,6 +63,8 @@ class ModelConfig:
     per_utterance_norm: bool = False
     log_floor: float = 1e-6
     specaugment: bool = True
+    input_noise_db: float = 0.0
+    noise_draws: int = 1
     conv_filters: Sequence[int] = (16, 32, 64)
     chunk_frames: int = 32
     hop_frames: int = 16
@@ -102,7 +108,7 @@ def build_model(config: ModelConfig, labels: Sequence[str], seed: int | None = N
     Args:
       config: the model configuration.
       labels: class names (their order is the logits' order).
-      seed: seed for SpecAugment's random masks.
+      seed: seed for SpecAugment's random masks and the input noise.
 
     Returns:
       A built model; call ``model.normalizer.adapt(...)`` on training features before
@@ -123,6 +129,8 @@ def build_model(config: ModelConfig, labels: Sequence[str], seed: int | None = N
     model = SERModel(frontend, FeatureNormalization(config.per_utterance_norm, name="normalizer"),
                      classifier,
                      SpecAugment(seed=seed, name="specaugment") if config.specaugment else None,
-                     labels=labels, segment_s=config.segment_s, name=f"ser_{config.name}")
+                     labels=labels, segment_s=config.segment_s, name=f"ser_{config.name}",
+                     noise=InputNoise(config.input_noise_db, config.noise_draws, seed=seed,
+                                      name="noise") if config.input_noise_db else None)
     model.build((None, model.segment_samples))
     return model

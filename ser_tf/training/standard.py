@@ -313,7 +313,7 @@ class FoldTrainer:
         self.norm_stats = None
         if self.cfg.speaker_norm:
             self.norm_stats = speaker_feature_stats(
-                self.corpus, tf.function(self.model.frontend, reduce_retracing=True),
+                self.corpus, tf.function(self.model.raw_features, reduce_retracing=True),
                 segment_samples=self.segment, hop_samples=self.hop, pad_mode=self.cfg.pad_mode,
                 whole=self.cfg.eval_whole)
 
@@ -339,9 +339,9 @@ class FoldTrainer:
 
     def adapt_normalizer(self) -> None:
         """Feature statistics from every window (or whole utterance) of the training
-        speakers only."""
+        speakers only (with one draw of the model's input noise, if it has any)."""
         ds, _ = self.evaluation_inputs(self.fold.train, speaker_stats=False)
-        frontend = tf.function(self.model.frontend, reduce_retracing=True)
+        frontend = tf.function(self.model.raw_features, reduce_retracing=True)
         self.model.normalizer.adapt(frontend(w) for _, w in ds)
 
     def train_dataset(self) -> tf.data.Dataset:
