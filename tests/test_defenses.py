@@ -551,6 +551,29 @@ def test_a_random_model_averages_its_draws_and_saves_loads_and_exports_random(
     assert "random model" in format_report(report)
 
 
+def test_averaging_draws_keeps_the_logits_through_keras_the_edge_model_and_tflite(tmp_path):
+    """With noise too faint to matter, averaging 3 draws must give the noiseless logits,
+    in Keras, in the fixed-length (batch 1, unrolled) edge model and in the TFLite file."""
+    from ser_tf.serving import savedmodel
+    from ser_tf.serving.export import write_artifacts
+    from ser_tf.serving.runtime import load_predictor
+    from ser_tf.serving.spec import ServingSpec
+
+    config = dataclasses.replace(TINY_MODEL, sample_rate=8000, specaugment=False,
+                                 input_noise_db=-200.0, noise_draws=3)
+    model = build_model(config, TONE_LABELS, seed=0)
+    x, _ = tone_dataset(2, seed=0)
+    model.normalizer.adapt([model.raw_features(x)])
+    plain = model.classify(model.normalizer(model.frontend(x))).numpy()
+    np.testing.assert_allclose(model(x).numpy(), plain, atol=1e-5)
+    edge = savedmodel.fixed_length_model(model)
+    np.testing.assert_allclose(edge(x[:1]).numpy(), plain[:1], atol=1e-5)
+    spec = ServingSpec.for_model(model, AudioConfig(sample_rate=8000), hop_s=0.25)
+    paths = write_artifacts(model, spec, str(tmp_path), ("float32",), None)
+    np.testing.assert_allclose(load_predictor(paths["float32"]).window_logits(x), plain,
+                               atol=1e-4)
+
+
 def test_export_checks_of_a_random_model_give_way_by_the_redraws_variation():
     from ser_tf.serving.export import _checks
 
