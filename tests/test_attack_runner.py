@@ -266,7 +266,7 @@ def test_ser_attack_utterance_unit_starts_from_the_training_runs_figures(trained
     out = tmp_path / "utterances"
     done = _attack(f"--workdir={trained_workdir}", f"--out_dir={out}", "--unit=utterance",
                    "--attacks=pgd,hsj", "--linf_db=-20", "--snr_db=20", "--steps=2",
-                   "--examples=1", "--progress=false")
+                   "--restarts=2", "--examples=1", "--progress=false")
     assert done.returncode == 0, done.stderr[-3000:]
     rob = json.loads((out / "robustness.json").read_text())
     trained = json.loads((trained_workdir / "metrics.json").read_text())
@@ -276,6 +276,10 @@ def test_ser_attack_utterance_unit_starts_from_the_training_runs_figures(trained
     assert rob["unit"].startswith("each test utterance whole")
     pgd = next(a for a in rob["attacks"] if a["name"] == "pgd")
     assert pgd["max_linf_db"] <= -20 + 1e-3
+    # Each attack reports the options it ran with.
+    assert pgd["options"] == {"steps": 2, "restarts": 2, "eot": 1}
+    hsj = next(a for a in rob["attacks"] if a["name"] == "hsj")
+    assert hsj["options"] == {"max_queries": 1000}
     clean_wav = next((out / "adversarial").glob("*_clean.wav"))
     adv_wav = out / "adversarial" / "pgd_linf_db-20" / clean_wav.name.replace("_clean", "")
     lengths = [tf.audio.decode_wav(tf.io.read_file(str(p)))[0].shape[0]
@@ -309,6 +313,10 @@ def test_ser_attack_rejects_bad_input_clearly(trained_workdir, tmp_path):
     assert done.returncode != 0 and "--linf_db takes numbers" in done.stderr
     done = _attack(f"--workdir={trained_workdir}", "--fold=fold_99")
     assert done.returncode != 0 and "unknown folds ['fold_99']" in done.stderr
+    done = _attack(f"--workdir={trained_workdir}", "--restarts=0")
+    assert done.returncode != 0 and "--restarts must be at least 1" in done.stderr
+    done = _attack(f"--workdir={trained_workdir}", "--eot=4", f"--out_dir={tmp_path / 'e'}")
+    assert done.returncode != 0 and "needs a random model" in done.stderr
 
 
 def test_same_seed_same_results(tone_model):

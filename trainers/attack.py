@@ -49,6 +49,8 @@ flags.DEFINE_list("feature_linf", ["0.25", "0.75", "1.25"], "Feature-domain L-in
 flags.DEFINE_list("feature_l2", ["5", "10", "20"], "Feature-domain L2 radii.")
 flags.DEFINE_integer("steps", 0, "Override the iterations of every iterative attack "
                      "(0: each attack's default).")
+flags.DEFINE_integer("restarts", 1, "Independent random starts of the PGD attacks (pgd, "
+                     "pgd_l2, transfer_pgd); per example the most successful is kept.")
 flags.DEFINE_integer("max_utterances", 0, "Attack at most this many test utterances per "
                      "fold (class-stratified, seeded; 0: all).")
 flags.DEFINE_integer("batch_size", 32, "Examples per attack batch.")
@@ -85,14 +87,21 @@ def main(argv):
     # that are expected here, not a sign of trouble.
     tf.get_logger().setLevel(logging.ERROR)
     from ser_tf.attacks.runner import ATTACKS, JobConfig, Sweep, attack_workdir
+    from ser_tf.attacks.whitebox import pgd
     from ser_tf.data.pipeline import BadAudioError
     from ser_tf.evaluation.report import format_robustness
 
     experiment = common.training_config(FLAGS.workdir, FLAGS.data_dir)
-    options = {}
+    options: dict = {}
     if FLAGS.steps:
         options = {name: {"steps": FLAGS.steps} for name, entry in ATTACKS.items()
                    if "steps" in entry.options}
+    if FLAGS.restarts != 1:
+        if FLAGS.restarts < 1:
+            raise app.UsageError(f"--restarts must be at least 1, got {FLAGS.restarts}")
+        for name, entry in ATTACKS.items():
+            if entry.fn is pgd:
+                options.setdefault(name, {})["restarts"] = FLAGS.restarts
     try:
         sweep = Sweep(attacks=tuple(FLAGS.attacks), domains=tuple(FLAGS.domains),
                       linf_db=common.floats(FLAGS.linf_db, "linf_db"),

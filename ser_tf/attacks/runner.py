@@ -216,6 +216,8 @@ class Outcome:
       linf, l2: achieved absolute perturbation per example.
       queries: model queries per example (black-box attacks), else None.
       seconds: wall time of the attack.
+      options: the attack's options as it ran (registry defaults with the sweep's
+        overrides, e.g. ``steps`` and ``restarts``), and ``eot`` for white-box attacks.
     """
 
     name: str
@@ -229,6 +231,7 @@ class Outcome:
     l2: np.ndarray
     queries: np.ndarray | None
     seconds: float
+    options: dict = dataclasses.field(default_factory=dict)
 
 
 def _batches(n: int, size: int):
@@ -434,7 +437,9 @@ def evaluate(model, x, y: np.ndarray, sweep: Sweep, *, batch_size: int = 32,
         got = _achieved(inputs, adv)
         outcome = Outcome(name=name, domain=domain, budget=budget, family=entry.family,
                           y_pred=y_pred, linf_db=got["linf_db"], snr_db=got["snr_db"],
-                          linf=got["linf"], l2=got["l2"], queries=queries, seconds=seconds)
+                          linf=got["linf"], l2=got["l2"], queries=queries, seconds=seconds,
+                          options=dict(options, **({"eot": sweep.eot}
+                                                   if entry.family == "white-box" else {})))
         outcomes.append(outcome)
         log.info("%s %s %s: accuracy %.3f (clean %.3f), %.1f s%s", name, domain, budget.label,
                  float(np.mean(y_pred == y)), float(np.mean(clean_pred == y)), seconds,
@@ -486,6 +491,7 @@ def report(y: np.ndarray, clean_pred: np.ndarray, outcomes: Sequence[Outcome],
             "max_linf": float(o.linf.max()) if len(o.linf) else 0.0,
             "mean_l2": float(o.l2[worked].mean()) if worked.any() else 0.0,
             "seconds": o.seconds,
+            "options": o.options,
             "by_group": group_metrics(y, o.y_pred, labels, groups),
         }
         if o.domain == "waveform":
