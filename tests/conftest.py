@@ -128,27 +128,38 @@ def tone_dataset(n_per_class: int, seed: int, rate: int = 8000,
     return np.asarray(waves, np.float32), np.asarray(labels, np.int32)
 
 
+def fit_tone_model(config, *, n_per_class: int = 40, epochs: int = 15,
+                   learning_rate: float = 3e-3):
+    """A :class:`ser_tf.models.SERModel` built from ``config`` (seed 0), its normaliser
+    adapted on :func:`tone_dataset` (seed 0) and trained on it with Adam, batch 20."""
+    import keras
+
+    from ser_tf.models import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model(config, TONE_LABELS, seed=0)
+    x_train, y_train = tone_dataset(n_per_class, seed=0)
+    model.normalizer.adapt([model.raw_features(x_train)])
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(x_train, y_train, batch_size=20, epochs=epochs, verbose=0, shuffle=True)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tone_model():
     """A tiny compact-CNN SERModel (8 kHz, 0.5 s) trained to near-perfect accuracy on
     :func:`tone_dataset`; returns ``(model, x_test, y_test)`` with 10 test tones per class."""
-    import keras
     import tensorflow as tf
 
-    from ser_tf.models import ModelConfig, build_model
+    from ser_tf.models import ModelConfig
 
-    keras.utils.set_random_seed(0)
     config = ModelConfig(name="cnn", sample_rate=8000, segment_s=0.5, n_mels=24,
                          conv_filters=(8, 16), dense_units=16, dropout=0.0,
                          specaugment=False)
-    model = build_model(config, TONE_LABELS, seed=0)
-    x_train, y_train = tone_dataset(40, seed=0)
+    model = fit_tone_model(config)
     x_test, y_test = tone_dataset(10, seed=1)
-    model.normalizer.adapt([model.frontend(x_train)])
-    model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
-    model.fit(x_train, y_train, batch_size=20, epochs=15, verbose=0, shuffle=True)
     accuracy = float(np.mean(np.argmax(model(x_test), -1) == y_test))
     assert accuracy >= 0.9, f"the tone model did not learn (test accuracy {accuracy:.2f})"
     return model, tf.constant(x_test), tf.constant(y_test)

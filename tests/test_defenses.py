@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import TONE_LABELS, tone_dataset
+from conftest import TONE_LABELS, fit_tone_model, tone_dataset
 from ser_tf.attacks import whitebox
 from ser_tf.attacks.budget import Budget
 from ser_tf.data.audio import AudioConfig
@@ -476,17 +476,10 @@ def test_frechet_distance_matches_the_closed_form():
 @pytest.fixture(scope="module")
 def noisy_tone_model():
     """The tone CNN trained with input noise at -25 dB, kept at inference."""
-    keras.utils.set_random_seed(0)
     config = ModelConfig(name="cnn", sample_rate=8000, segment_s=0.5, n_mels=24,
                          conv_filters=(8, 16), dense_units=16, dropout=0.0,
                          specaugment=False, input_noise_db=-25.0)
-    model = build_model(config, TONE_LABELS, seed=0)
-    x, y = tone_dataset(30, seed=0)
-    model.normalizer.adapt([model.raw_features(x)])
-    model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, batch_size=20, epochs=10, verbose=0)
-    return model
+    return fit_tone_model(config, n_per_class=30, epochs=10)
 
 
 def test_a_random_model_averages_its_draws_and_saves_loads_and_exports_random(

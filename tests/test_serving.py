@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import TONE_LABELS, tone_dataset
+from conftest import TONE_LABELS, fit_tone_model, tone_dataset
 from ser_tf.data.audio import AudioConfig
 from ser_tf.serving import savedmodel, tflite
 from ser_tf.serving.export import ExportJob, verify_artifacts, write_artifacts
@@ -21,20 +21,12 @@ RATE = 8000
 @pytest.fixture(scope="module")
 def lstm_model():
     """A tiny CNN-LSTM (frontend, normaliser, chunk CNN, BiLSTM) trained on the tones."""
-    import keras
+    from ser_tf.models import ModelConfig
 
-    from ser_tf.models import ModelConfig, build_model
-
-    keras.utils.set_random_seed(0)
     config = ModelConfig(name="cnn_lstm", sample_rate=RATE, segment_s=0.5, n_mels=24,
                          conv_filters=(4, 8), chunk_frames=16, hop_frames=8, chunk_units=16,
                          lstm_units=8, dropout=0.0, specaugment=False)
-    model = build_model(config, TONE_LABELS, seed=0)
-    x, y = tone_dataset(40, seed=0)
-    model.normalizer.adapt([model.frontend(x)])
-    model.compile(optimizer=keras.optimizers.Adam(5e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, batch_size=20, epochs=12, verbose=0)
+    model = fit_tone_model(config, epochs=12, learning_rate=5e-3)
     x_test, y_test = tone_dataset(8, seed=1)
     accuracy = float(np.mean(np.argmax(model(x_test), -1) == y_test))
     assert accuracy >= 0.8, f"the tiny CNN-LSTM did not learn (accuracy {accuracy:.2f})"
