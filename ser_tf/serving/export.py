@@ -43,10 +43,10 @@ log = logging.getLogger(__name__)
 TARGETS = {"savedmodel": (0.999, 0.0, None), "float32": (0.999, None, None),
            "float16": (0.995, None, None), "dynamic": (0.97, 0.02, 0.03),
            "int8": (0.97, 0.02, 0.03)}
-# Attacks run against each artifact itself: the score- and decision-based entries of the
-# attack registry, with their registered options.
 # The row of a random model's second Keras draw (see _checks).
 REDRAW = "keras_redraw"
+# Attacks run against each artifact itself: the score- and decision-based entries of the
+# attack registry, with their registered options.
 BLACKBOX_ATTACKS = tuple(name for name, entry in ATTACKS.items()
                          if entry.family == "black-box" and not name.startswith("transfer_"))
 
@@ -161,30 +161,32 @@ def _checks(name: str, row: dict, reference: dict, redraw: dict | None = None) -
     For a random model (input noise), ``redraw`` is Keras run again with fresh noise: no
     artifact can agree with one Keras draw better than another draw does, so each bar
     gives way by what the redraw missed plus twice the standard error of comparing two
-    such estimates (``sqrt(2 p (1 - p) / n)`` at the redraw's agreement ``p``).
+    such estimates (``sqrt(2 p (1 - p) / n)`` at the redraw's agreement ``p`` over the
+    ``n`` test utterances; also applied to the robust figures, some of which are measured
+    on fewer clips).
     """
     target = TARGETS.get(name)
     if target is None:
         return []
     least_agreement, uar_drop, robust_drop = target
-    slack = {"agreement": 0.0, "uar": 0.0, "margin": 0.0}
+    margin = uar_slack = 0.0
     if redraw is not None:
         p, n = redraw["agreement"], max(1, reference["n"])
-        slack["margin"] = 2.0 * math.sqrt(2.0 * p * (1.0 - p) / n)
-        least_agreement = min(least_agreement, p - slack["margin"])
-        slack["uar"] = abs(reference["uar"] - redraw["uar"])
+        margin = 2.0 * math.sqrt(2.0 * p * (1.0 - p) / n)
+        least_agreement = min(least_agreement, p - margin)
+        uar_slack = abs(reference["uar"] - redraw["uar"])
     bar = round(least_agreement, 4)
     out = [{"check": f"agreement >= {bar}", "value": row["agreement"],
             "ok": row["agreement"] >= least_agreement - 1e-9}]
     if uar_drop is not None:
         diff = reference["uar"] - row["uar"]
-        tol = uar_drop + slack["uar"] + slack["margin"]
+        tol = uar_drop + uar_slack + margin
         out.append({"check": f"UAR within {tol:.2f} of Keras", "value": round(diff, 4),
                     "ok": abs(diff) <= tol + 1e-9})
     if robust_drop is not None:
         for key, robust in row["robust"].items():
             diff = reference["robust"][key]["accuracy"] - robust["accuracy"]
-            tol = robust_drop + slack["margin"]
+            tol = robust_drop + margin
             if redraw is not None:
                 tol += abs(reference["robust"][key]["accuracy"]
                            - redraw["robust"][key]["accuracy"])
