@@ -473,10 +473,11 @@ class InputNoise(keras.layers.Layer):
     noise kept at test time, as in randomized smoothing, Cohen et al. 2019).
 
     The noise of example ``i`` has standard deviation ``10 ** (level_db / 20) * max|x_i|``,
-    the same scale as the attacks' L-inf budgets (dB below each utterance's peak), so a
-    ``level_db`` a few dB above the attack budget drowns the perturbation's quiet cells in
-    noise the model was trained on. The scale is differentiated like everything else (an
-    attacker who moves the peak moves the noise). A model with this layer is random:
+    the same scale as the attacks' L-inf budgets (dB below each utterance's peak): a level
+    above the attack budget fills the quiet spectral cells that a perturbation would
+    otherwise own with noise the model was trained on. (On EmoDB that is no defense on its
+    own; see BENCHMARKS.md.) The scale is differentiated like everything else (an attacker
+    who moves the peak moves the noise). A model with this layer is random:
     :class:`ser_tf.models.SERModel` averages the logits of ``draws`` noise draws at
     inference, and it can only be judged by attacks that average gradients over draws
     too (expectation over transformation, ``ser-attack --eot``).
@@ -485,10 +486,12 @@ class InputNoise(keras.layers.Layer):
       level_db: noise standard deviation in dB relative to each waveform's peak.
       draws: noise draws whose logits the model averages at inference (training uses one
         draw per example).
-      seed: op-level seed of the noise (with TensorFlow's global seed, the draws repeat).
+      seed: op-level seed of the noise.
 
     The noise is a stateful ``tf.random.normal``, which TFLite runs as its built-in
-    RANDOM_STANDARD_NORMAL, so exported models stay random too.
+    RANDOM_STANDARD_NORMAL, so exported models stay random too. TensorFlow's seeding rules
+    apply: every call of one traced function draws anew, but two functions traced under
+    the same global seed (``tf.random.set_seed``) start from the same draws.
     """
 
     def __init__(self, level_db: float = -30.0, draws: int = 1, seed: int | None = None,
