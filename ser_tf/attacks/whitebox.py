@@ -36,6 +36,7 @@ from cleverhans.tf2.attacks.fast_gradient_method import fast_gradient_method
 from cleverhans.tf2.utils import clip_eta, compute_gradient, optimize_linear, random_lp_vector
 
 from ser_tf.attacks.budget import Budget, project, scaled_problem
+from ser_tf.models.base import mean_over_copies
 
 ModelFn = Callable[[tf.Tensor], tf.Tensor]
 
@@ -62,13 +63,7 @@ def expectation_over_transformation(model_fn: ModelFn, samples: int) -> ModelFn:
         raise ValueError(f"EOT needs at least one sample, got {samples}")
     if samples == 1:
         return model_fn
-
-    def averaged(x):
-        batch = tf.shape(x)[0]
-        logits = model_fn(tf.concat([x] * samples, axis=0))
-        return tf.reduce_mean(tf.reshape(logits, [samples, batch, -1]), axis=0)
-
-    return averaged
+    return lambda x: mean_over_copies(model_fn, x, samples)
 
 
 def _labels(model_fn: ModelFn, x: tf.Tensor, y, targeted: bool,

@@ -23,6 +23,23 @@ import tensorflow as tf
 from ser_tf.frontend import FeatureNormalization, InputNoise, LogMelFrontend, SpecAugment
 
 
+def mean_over_copies(fn, inputs, copies: int) -> tf.Tensor:
+    """``fn`` of ``copies`` copies of ``inputs`` run as one batch, its outputs averaged per
+    example: how a random model's draws are averaged (each copy gets its own randomness).
+
+    Args:
+      fn: a batch (a tensor or a nest of tensors with a leading batch axis) -> ``[B, C]``.
+      inputs: the batch.
+      copies: how many times each example goes through ``fn``.
+
+    Returns:
+      ``[B, C]``: per example, the mean of its copies' outputs.
+    """
+    batch = tf.shape(tf.nest.flatten(inputs)[0])[0]
+    tiled = tf.nest.map_structure(lambda t: tf.concat([t] * copies, axis=0), inputs)
+    return tf.reduce_mean(tf.reshape(fn(tiled), [copies, batch, -1]), axis=0)
+
+
 @keras.saving.register_keras_serializable(package="ser_tf")
 class SERModel(keras.Model):
     """Waveform ``[batch, samples]`` -> logits ``[batch, classes]``.
@@ -136,11 +153,9 @@ class SERModel(keras.Model):
                                  bpda=bpda)
         # Inference of a random model: every example ``draws`` times in one batch, each
         # with its own noise, and the logits averaged per example.
-        batch = tf.shape(tf.nest.flatten(inputs)[0])[0]
-        tiled = tf.nest.map_structure(lambda t: tf.concat([t] * draws, axis=0), inputs)
-        logits = self.classify(self.features(tiled, training=training), training=training,
-                               bpda=bpda)
-        return tf.reduce_mean(tf.reshape(logits, [draws, batch, -1]), axis=0)
+        return mean_over_copies(
+            lambda batch: self.classify(self.features(batch, training=training),
+                                        training=training, bpda=bpda), inputs, draws)
 
     def with_purifier(self, purifier: keras.Model) -> "SERModel":
         """A new model with the same (shared) layers and ``purifier`` before the classifier.
