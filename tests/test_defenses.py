@@ -650,3 +650,26 @@ def test_trainer_learns_normalisation_on_noisy_features_and_saves_a_random_model
     assert np.abs(noisy.mean(0) - clean.mean(0)).mean() > 0.5, "the noise must matter here"
     assert (np.abs(learned - noisy.mean(0).reshape(-1)).mean()
             < 0.5 * np.abs(learned - clean.mean(0).reshape(-1)).mean())
+
+
+def test_adversarial_validation_of_a_random_model_attacks_through_eot(manifest, tmp_path):
+    cfg = ExperimentConfig(workdir=str(tmp_path / "w"), corpus="manifest", data_dir=manifest,
+                           protocol="speakers", test_speakers=("s01",), val_speakers=1,
+                           audio=AudioConfig(),
+                           model=dataclasses.replace(TINY_MODEL, input_noise_db=-20.0),
+                           trainer="adversarial",
+                           method=AdversarialConfig(steps=1, val_steps=2, val_eot=3,
+                                                    warmup_epochs=0),
+                           train=TrainConfig(epochs=1, batch_size=8, patience=0), verbose=0)
+    metrics = run_experiment(cfg, fold_trainer(cfg))
+    assert metrics["adversarial_training"]["val_eot"] == 3
+    assert 0.0 <= metrics["history"][0]["val_robust_uar"] <= 1.0
+    descriptions = set()
+    for root, _, files in os.walk(os.path.join(cfg.workdir, "tb", "val")):
+        for name in files:
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
+                descriptions |= {v.metadata.summary_description for v in event.summary.value
+                                 if v.tag == "epoch_robust_uar"}
+    assert descriptions == {"PGD-2 at -40 dB, EOT over 3 draws, central clips"}, descriptions
+    with pytest.raises(ValueError, match="val_eot"):
+        AdversarialConfig(val_eot=0)

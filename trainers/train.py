@@ -181,6 +181,11 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                        flag_values=fv)
     flags.DEFINE_integer("adv_val_steps", 10, "PGD steps of the per-epoch validation attack.",
                          flag_values=fv)
+    flags.DEFINE_integer("adv_val_eot", 4, "On a random model (--input_noise_db), the "
+                         "validation attack follows the logits averaged over this many noise "
+                         "draws (EOT), as ser-attack --eot does; each draw costs one more "
+                         "pass per step. Ignored on deterministic models.", lower_bound=1,
+                         flag_values=fv)
     # -- GAN-augmented training (--trainer=gan) ---------------------------------------------
     flags.DEFINE_integer("gan_steps", 2000, "Generator updates of the conditional WGAN-GP.",
                          flag_values=fv)
@@ -295,7 +300,8 @@ def _method_config(fv: flags.FlagValues):
             method=fv.adv_method, domain=fv.adv_domain, budget=Budget.parse(fv.adv_budget),
             steps=fv.adv_steps, step_size=fv.adv_step_size or None, ratio=fv.adv_ratio,
             trades_beta=fv.trades_beta, warmup_epochs=fv.adv_warmup_epochs,
-            robust_weight=fv.robust_weight, val_steps=fv.adv_val_steps)
+            robust_weight=fv.robust_weight, val_steps=fv.adv_val_steps,
+            val_eot=fv.adv_val_eot)
 
     if fv.trainer == "adversarial":
         return adversarial()

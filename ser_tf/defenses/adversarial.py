@@ -71,6 +71,12 @@ class AdversarialConfig:
       warmup_epochs: epochs over which the radius grows linearly to the full budget.
       robust_weight: weight of the robust validation UAR in the model-selection score.
       val_steps: PGD steps of the per-epoch validation attack.
+      val_eot: on a random model (one with input noise), the validation attack follows
+        the gradient of the logits averaged over this many draws (expectation over
+        transformation), so that selection and the logged robust UAR answer the adaptive
+        attack ``ser-attack --eot`` mounts, not a one-draw PGD that the noise partly
+        blinds. Each draw costs one more forward and backward pass per validation step.
+        Ignored on deterministic models.
     """
 
     method: str = "pgd"
@@ -83,6 +89,7 @@ class AdversarialConfig:
     warmup_epochs: int = 5
     robust_weight: float = 0.5
     val_steps: int = 10
+    val_eot: int = 4
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -92,9 +99,9 @@ class AdversarialConfig:
             kinds = "linf_db or snr_db" if self.domain == "waveform" else "linf or l2"
             raise ValueError(f"budget {self.budget.kind} is a {self.budget.domain} budget; "
                              f"the {self.domain} domain needs {kinds}")
-        if self.steps < 1 or self.val_steps < 1:
-            raise ValueError(f"steps and val_steps must be >= 1, got {self.steps}, "
-                             f"{self.val_steps}")
+        if self.steps < 1 or self.val_steps < 1 or self.val_eot < 1:
+            raise ValueError(f"steps, val_steps and val_eot must be >= 1, got {self.steps}, "
+                             f"{self.val_steps}, {self.val_eot}")
         if not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"the adversarial ratio must be in (0, 1], got {self.ratio}")
         if not 0.0 <= self.robust_weight <= 1.0:
@@ -258,7 +265,8 @@ class RobustSelection:
 
     Mixed in before ``FoldTrainer``: after every epoch, besides the clean validation UAR,
     the validation speakers' central clips are attacked with PGD (``val_steps`` steps) at
-    the full training budget, and the model is selected on ``(1 - robust_weight) * clean
+    the full training budget (through ``val_eot`` draws averaged where the model is
+    random), and the model is selected on ``(1 - robust_weight) * clean
     UAR + robust_weight * robust UAR``; both go to TensorBoard and the epoch history.
     Subclasses say which :class:`AdversarialConfig` applies (``robust_config``); with none,
     selection stays on the clean validation UAR.
@@ -284,7 +292,10 @@ class RobustSelection:
             def target(v):
                 return self.model.classify(v, training=False)
             inputs = self.model.features(x)
-        adv = whitebox.pgd(target, inputs, budget=cfg.budget, y=y, steps=cfg.val_steps)
+        attacked = target
+        if getattr(self.model, "random", False):
+            attacked = whitebox.expectation_over_transformation(target, cfg.val_eot)
+        adv = whitebox.pgd(attacked, inputs, budget=cfg.budget, y=y, steps=cfg.val_steps)
         return tf.argmax(target(adv), -1, output_type=tf.int32)
 
     def robust_predictions(self, indices: Sequence[int], batch_size: int = 32) -> np.ndarray:
@@ -319,9 +330,11 @@ class RobustSelection:
         score = (1.0 - w) * val["uar"] + w * robust["uar"]
         extra.update(val_robust_uar=robust["uar"], val_robust_accuracy=robust["accuracy"])
         with self.val_writer.as_default(step=epoch + 1):
+            eot = (f", EOT over {cfg.val_eot} draws"
+                   if getattr(self.model, "random", False) and cfg.val_eot > 1 else "")
             tf.summary.scalar("epoch_robust_uar", robust["uar"],
                               description=f"PGD-{cfg.val_steps} at "
-                                          f"{cfg.budget.label}, central clips")
+                                          f"{cfg.budget.label}{eot}, central clips")
             tf.summary.scalar("epoch_robust_accuracy", robust["accuracy"])
         return score, val, extra
 
