@@ -531,14 +531,17 @@ class FoldTrainer:
 
     # -- summaries -----------------------------------------------------------------------------
     def write_examples(self) -> None:
-        """Hparams, plus a few training crops as audio and spectrograms, for TensorBoard."""
+        """Hparams, plus a few training crops as audio and spectrograms, for TensorBoard.
+
+        The spectrograms are what the normaliser reads: with input noise in the model, the
+        features of the noisy crops (one draw), not of the clean audio."""
         writer = tf.summary.create_file_writer(os.path.join(self.workdir, "tb", "examples"))
         hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                    for k, v in self.hparams().items()}
         waves, labels = next(iter(training_dataset(
             self.corpus, self.fold.train, self.labels, segment_samples=self.segment,
             batch_size=8, seed=self.cfg.seed, pad_mode=self.cfg.pad_mode)))
-        feats = self.model.frontend(waves)[..., 0].numpy()
+        feats = self.model.raw_features(waves)[..., 0].numpy()
         titles = [self.classes[int(y)] for y in labels]
         with writer.as_default(step=0):
             hp.hparams(hparams, trial_id=os.path.basename(os.path.abspath(self.workdir)))
