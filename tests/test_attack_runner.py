@@ -45,6 +45,19 @@ def test_sweep_lists_budgets_per_norm_and_domain():
         runner.Sweep(domains=("spectrum",))
 
 
+def test_sweep_overrides_reach_every_attack_that_takes_the_option():
+    sweep = runner.Sweep(attacks=("fgsm", "mim", "pgd", "transfer_pgd", "hsj"),
+                         overrides={"steps": 20, "restarts": 3},
+                         options={"transfer_pgd": {"steps": 5}})
+    assert sweep.attack_options("fgsm") == {}
+    assert sweep.attack_options("mim") == {"steps": 20}  # iterative, no random starts
+    assert sweep.attack_options("pgd") == {"steps": 20, "restarts": 3}
+    assert sweep.attack_options("transfer_pgd") == {"steps": 5, "restarts": 3}  # its own wins
+    assert sweep.attack_options("hsj") == {"max_queries": 1000}
+    with pytest.raises(ValueError, match=r"no attack takes the options \['iterations'\]"):
+        runner.Sweep(overrides={"iterations": 20})
+
+
 def test_subsample_is_stratified_ordered_and_seeded():
     y = np.array([0] * 10 + [1] * 10 + [2] * 4)
     keep = runner.subsample(y, 9, seed=1)

@@ -86,28 +86,24 @@ def main(argv):
     # Each attack and budget is its own compiled function: TF's retracing warnings about
     # that are expected here, not a sign of trouble.
     tf.get_logger().setLevel(logging.ERROR)
-    from ser_tf.attacks.runner import ATTACKS, JobConfig, Sweep, attack_workdir
-    from ser_tf.attacks.whitebox import pgd
+    from ser_tf.attacks.runner import JobConfig, Sweep, attack_workdir
     from ser_tf.data.pipeline import BadAudioError
     from ser_tf.evaluation.report import format_robustness
 
     experiment = common.training_config(FLAGS.workdir, FLAGS.data_dir)
-    options: dict = {}
-    if FLAGS.steps:
-        options = {name: {"steps": FLAGS.steps} for name, entry in ATTACKS.items()
-                   if "steps" in entry.options}
-    if FLAGS.restarts != 1:
-        if FLAGS.restarts < 1:
-            raise app.UsageError(f"--restarts must be at least 1, got {FLAGS.restarts}")
-        for name, entry in ATTACKS.items():
-            if entry.fn is pgd:
-                options.setdefault(name, {})["restarts"] = FLAGS.restarts
+    if FLAGS.steps < 0:
+        raise app.UsageError(f"--steps must be at least 0 (0: each attack's default), got "
+                             f"{FLAGS.steps}")
+    if FLAGS.restarts < 1:
+        raise app.UsageError(f"--restarts must be at least 1, got {FLAGS.restarts}")
+    overrides = {"restarts": FLAGS.restarts, **({"steps": FLAGS.steps} if FLAGS.steps else {})}
     try:
         sweep = Sweep(attacks=tuple(FLAGS.attacks), domains=tuple(FLAGS.domains),
                       linf_db=common.floats(FLAGS.linf_db, "linf_db"),
                       snr_db=common.floats(FLAGS.snr_db, "snr_db"),
                       feature_linf=common.floats(FLAGS.feature_linf, "feature_linf"),
-                      feature_l2=common.floats(FLAGS.feature_l2, "feature_l2"), options=options,
+                      feature_l2=common.floats(FLAGS.feature_l2, "feature_l2"),
+                      overrides=overrides,
                       bpda=FLAGS.bpda, eot=FLAGS.eot)
         sweep.runs()  # builds every Budget, which validates its value
         progress = sys.stderr.isatty() if FLAGS.progress is None else FLAGS.progress

@@ -66,9 +66,9 @@ ATTACKS: dict[str, AttackEntry] = {
     "fgsm": AttackEntry(whitebox.fgsm, "white-box", "linf", {}, "FGSM, one signed step"),
     "fgm": AttackEntry(whitebox.fgm, "white-box", "l2", {}, "FGM, one L2 step"),
     "bim": AttackEntry(whitebox.bim, "white-box", "linf", {"steps": 10}, "BIM, 10 steps"),
-    "pgd": AttackEntry(whitebox.pgd, "white-box", "linf", {"steps": 10},
+    "pgd": AttackEntry(whitebox.pgd, "white-box", "linf", {"steps": 10, "restarts": 1},
                        "PGD L-inf, 10 steps, random start"),
-    "pgd_l2": AttackEntry(whitebox.pgd, "white-box", "l2", {"steps": 10},
+    "pgd_l2": AttackEntry(whitebox.pgd, "white-box", "l2", {"steps": 10, "restarts": 1},
                           "PGD L2, 10 steps, random start"),
     "mim": AttackEntry(whitebox.mim, "white-box", "linf", {"steps": 10},
                        "MIM, 10 steps, momentum 1.0"),
@@ -88,7 +88,7 @@ ATTACKS: dict[str, AttackEntry] = {
     # Transfer: a substitute trained on the target's labels, attacked white-box.
     "transfer_fgsm": AttackEntry(whitebox.fgsm, "black-box", "linf", {},
                                  "FGSM on a label-trained substitute, transferred"),
-    "transfer_pgd": AttackEntry(whitebox.pgd, "black-box", "linf", {"steps": 10},
+    "transfer_pgd": AttackEntry(whitebox.pgd, "black-box", "linf", {"steps": 10, "restarts": 1},
                                 "PGD on a label-trained substitute, transferred"),
     "transfer_mim": AttackEntry(whitebox.mim, "black-box", "linf", {"steps": 10},
                                 "MIM on a label-trained substitute, transferred"),
@@ -153,7 +153,12 @@ class Sweep:
       snr_db: waveform L2 budgets, as SNR in dB.
       feature_linf: feature-domain L-inf radii (normalised units).
       feature_l2: feature-domain L2 radii (normalised units).
-      options: per-attack option overrides, ``{name: {option: value}}``.
+      overrides: sweep-wide option values, ``{option: value}``, each applied to every
+        attack whose registry entry takes that option (ser-attack's ``--steps`` reaches
+        every iterative attack, ``--restarts`` the PGD ones); an option no registered
+        attack takes is an error.
+      options: per-attack option overrides, ``{name: {option: value}}``; they win over
+        ``overrides`` for the attack they name.
       bpda: also run every white-box attack through the straight-through (BPDA) version
         of a model's purifier, as ``NAME+bpda`` (see :meth:`ser_tf.models.SERModel.classify`).
       eot: white-box attacks (BPDA variants too) follow gradients of the logits averaged
@@ -168,6 +173,7 @@ class Sweep:
     snr_db: Sequence[float] = (40.0, 30.0, 20.0)
     feature_linf: Sequence[float] = (0.25, 0.75, 1.25)
     feature_l2: Sequence[float] = (5.0, 10.0, 20.0)
+    overrides: dict = dataclasses.field(default_factory=dict)
     options: dict = dataclasses.field(default_factory=dict)
     bpda: bool = False
     eot: int = 1
@@ -175,12 +181,24 @@ class Sweep:
     def __post_init__(self):
         if self.eot < 1:
             raise ValueError(f"eot must be at least 1, got {self.eot}")
+        taken = {key for entry in ATTACKS.values() for key in entry.options}
+        untaken = sorted(set(self.overrides) - taken)
+        if untaken:
+            raise ValueError(f"no attack takes the options {untaken}; options attacks "
+                             f"take: {sorted(taken)}")
         unknown = sorted(set(self.attacks) - set(ATTACKS))
         if unknown or not self.attacks:
             raise ValueError(f"unknown attacks {unknown}; choose from {sorted(ATTACKS)}")
         bad = sorted(set(self.domains) - {"waveform", "features"})
         if bad or not self.domains:
             raise ValueError(f"unknown domains {bad}; choose waveform and/or features")
+
+    def attack_options(self, name: str) -> dict:
+        """The keyword options attack ``name`` runs with: its registry defaults, then the
+        sweep-wide ``overrides`` of the options it takes, then its own ``options``."""
+        defaults = ATTACKS[name].options
+        return {**defaults, **{k: v for k, v in self.overrides.items() if k in defaults},
+                **self.options.get(name, {})}
 
     def budgets(self, name: str, domain: str) -> list[Budget]:
         """The budgets attack ``name`` runs over in ``domain``, weakest first."""
@@ -384,7 +402,7 @@ def evaluate(model, x, y: np.ndarray, sweep: Sweep, *, batch_size: int = 32,
     for name, domain, budget in runs:
         base, _, variant = name.partition("+")
         entry = ATTACKS[base]
-        options = {**entry.options, **sweep.options.get(base, {})}
+        options = sweep.attack_options(base)
         inputs = x if domain == "waveform" else features
         target = forward if domain == "waveform" else classify
         gradient_model = whitebox.expectation_over_transformation(
