@@ -18,7 +18,12 @@ WORKDIR ?= runs/$(CORPUS)$(if $(filter-out cnn_lstm,$(MODEL)),_$(MODEL),)
 # ser-export's defaults).
 HARDENED ?= $(WORKDIR)_hardened
 RUN_ATTACK_FLAGS ?= --attacks=fgsm,pgd --linf_db=-50,-40,-30 --max_utterances=40
-RUN_EXPORT_FLAGS ?= --variants=float32,int8 --blackbox_clips=8 --latency_utterances=5
+# The CNN-LSTM's int8 file keeps its BiLSTM in float as well: quantized, every time step's
+# gates add rounding error, and on the synthetic models that flipped 1-4 of 70 test
+# decisions (agreement 0.94-0.99 with Keras, below the 0.97 check); with the LSTM in float,
+# 0.99-1.00 at 777 kB instead of 473 (float32: 1580; 2026-11-23).
+RUN_EXPORT_FLAGS ?= --variants=float32,int8 --blackbox_clips=8 --latency_utterances=5 \
+  $(if $(filter cnn_lstm,$(MODEL)),--int8_float_layers=bilstm,)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 # pytest-xdist processes for `make test` (0: one process, auto: one per core). Most tests
 # spend their time tracing graphs and in Python, not in the math: on two cores two

@@ -35,6 +35,9 @@ flags.DEFINE_list("variants", ["float32", "float16", "dynamic", "int8"],
                   "TFLite variants: float32, float16, dynamic (dynamic-range), int8 (full "
                   "integer classifier, float frontend, calibrated on training clips).")
 flags.DEFINE_integer("calibration_clips", 200, "Training clips that calibrate int8.")
+flags.DEFINE_list("int8_float_layers", [], "Classifier layers the int8 variant also keeps in "
+                  "float32, by name (e.g. bilstm), besides the frontend, the normaliser and "
+                  "the first conv block.")
 flags.DEFINE_string("transfer_attack", "pgd", "White-box L-inf attack crafted on the Keras "
                     "model and replayed on every artifact.")
 flags.DEFINE_list("transfer_linf_db", ["-60", "-40"], "Its budgets, dB below each clip's "
@@ -70,6 +73,7 @@ def main(argv):
     try:
         job = ExportJob(folds=tuple(FLAGS.fold), variants=tuple(FLAGS.variants),
                         calibration_clips=FLAGS.calibration_clips,
+                        int8_float_layers=tuple(FLAGS.int8_float_layers),
                         transfer_attack=FLAGS.transfer_attack,
                         transfer_linf_db=common.floats(FLAGS.transfer_linf_db,
                                                        "transfer_linf_db"),

@@ -40,9 +40,9 @@ def exported(synthetic_corpus, tmp_path_factory):
                 f"--workdir={workdir}")
     assert done.returncode == 0, done.stderr[-3000:]
     done = _run("export.export", f"--workdir={workdir}", "--variants=float32,int8",
-                "--calibration_clips=8", "--transfer_linf_db=-30", "--blackbox_attack=hsj",
-                "--blackbox_db=20", "--blackbox_clips=2", "--latency_utterances=2",
-                "--progress=false")
+                "--calibration_clips=8", "--int8_float_layers=bilstm",
+                "--transfer_linf_db=-30", "--blackbox_attack=hsj", "--blackbox_db=20",
+                "--blackbox_clips=2", "--latency_utterances=2", "--progress=false")
     assert done.returncode == 0, done.stderr[-3000:]
     return workdir, done.stdout
 
@@ -67,6 +67,7 @@ def test_ser_export_writes_checked_artifacts_and_a_model_card(exported, syntheti
     assert rows["savedmodel"]["agreement"] == 1.0
     assert rows["float32"]["agreement"] == 1.0 and rows["float32"]["max_abs_diff"] < 1e-4
     assert rows["int8"]["ops"]["int8_ops"] > 0 and rows["int8"]["ops"]["flex_ops"] == []
+    assert report["int8_float_layers"][-1] == "bilstm"
     assert set(rows["int8"]["robust"]) == {"transfer pgd -30 dB", "hsj SNR 20 dB"}
     for row in rows.values():
         assert row["size_bytes"] > 0 and row["latency"]["window_ms_median"] > 0
@@ -87,6 +88,8 @@ def test_ser_export_rejects_bad_requests(exported, tmp_path):
     assert done.returncode != 0 and "white-box L-inf" in done.stderr
     done = _run("export.export", f"--workdir={workdir}", "--transfer_linf_db=loud")
     assert done.returncode != 0 and "--transfer_linf_db takes numbers" in done.stderr
+    done = _run("export.export", f"--workdir={workdir}", "--int8_float_layers=lstm")
+    assert done.returncode != 0 and "['lstm'] are not layers of the classifier" in done.stderr
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,42 @@ def test_every_tflite_variant_runs_with_builtin_ops_and_tracks_keras(lstm_model,
     assert sizes["float16"] < sizes["float32"]
 
 
+def _arithmetic_dtypes(path, layer: str) -> set:
+    """Dtypes of the tensors of a layer's arithmetic ops (matmuls, gates, products, sums),
+    read without delegates so every op keeps its own type. Quantize, dequantize and split
+    ops at the layer's int8 borders are not arithmetic."""
+    resolver = tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    interpreter = tf.lite.Interpreter(model_path=str(path),
+                                      experimental_op_resolver_type=resolver)
+    interpreter.allocate_tensors()
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    arithmetic = {"FULLY_CONNECTED", "BATCH_MATMUL", "LOGISTIC", "TANH", "MUL", "ADD"}
+    dtypes = set()
+    for op in interpreter._get_ops_details():
+        names = [tensors[i]["name"] for i in op["outputs"] if i in tensors]
+        if op["op_name"] in arithmetic and any(f"/{layer}_" in n or f"/{layer}/" in n
+                                               for n in names):
+            dtypes |= {tensors[i]["dtype"] for i in list(op["inputs"]) + list(op["outputs"])
+                       if i in tensors}
+    return dtypes
+
+
+def test_int8_keeps_the_named_classifier_layers_in_float(lstm_model, spec, artifacts,
+                                                         tmp_path):
+    calibration, _ = tone_dataset(10, seed=2)
+    with pytest.raises(ValueError, match=r"\['lstm'\] are not layers of the classifier"):
+        write_artifacts(lstm_model, spec, str(tmp_path), ("int8",), calibration, ("lstm",))
+    assert np.int8 in _arithmetic_dtypes(artifacts[1]["int8"], "bilstm")
+    paths = write_artifacts(lstm_model, spec, str(tmp_path), ("int8",), calibration,
+                            ("bilstm",))
+    assert _arithmetic_dtypes(paths["int8"], "bilstm") == {np.float32}
+    assert np.int8 in _arithmetic_dtypes(paths["int8"], "embed")  # the chunk encoder's Dense
+    kept = load_predictor(paths["int8"])
+    x, _ = tone_dataset(8, seed=4)
+    agree = np.mean(kept.window_logits(x).argmax(-1) == lstm_model(x).numpy().argmax(-1))
+    assert agree >= 0.9, agree
+
+
 def test_savedmodel_serves_raw_audio_like_keras_and_rejects_bad_input(lstm_model, spec,
                                                                       artifacts):
     _, paths = artifacts

@@ -59,6 +59,10 @@ class ExportJob:
       folds: fold names to export (empty: every fold).
       variants: TFLite variants to write (see :data:`ser_tf.serving.tflite.VARIANTS`).
       calibration_clips: training clips that calibrate the int8 model.
+      int8_float_layers: names of further classifier layers that the int8 variant keeps in
+        float32, besides the frontend, the normaliser and the first conv block (e.g.
+        ``bilstm``: quantizing a recurrent layer's every time step adds up error that can
+        flip near-tied decisions).
       transfer_attack: white-box attack (``ser_tf.attacks.runner.ATTACKS``) crafted on the
         Keras model and replayed on every artifact.
       transfer_linf_db: its waveform L-inf budgets (dB below each clip's peak).
@@ -77,6 +81,7 @@ class ExportJob:
     folds: Sequence[str] = ()
     variants: Sequence[str] = tflite.VARIANTS
     calibration_clips: int = 200
+    int8_float_layers: Sequence[str] = ()
     transfer_attack: str = "pgd"
     transfer_linf_db: Sequence[float] = (-60.0, -40.0)
     blackbox_attack: str = "spsa"
@@ -115,9 +120,23 @@ class ExportJob:
         return Budget("snr_db", 30.0 if self.blackbox_db is None else self.blackbox_db)
 
 
+def _classifier_layers(model, names: Sequence[str]) -> list[str]:
+    """``names``, each checked to be a layer of the model's classifier."""
+    known = [layer.name for layer in model.classifier.layers]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"the int8 float layers {unknown} are not layers of the classifier "
+                         f"{model.classifier.name!r}; its layers: {known}")
+    return list(names)
+
+
 def write_artifacts(model, spec: ServingSpec, out_dir: str, variants: Sequence[str],
-                    calibration: np.ndarray | None) -> dict[str, str]:
+                    calibration: np.ndarray | None,
+                    int8_float_layers: Sequence[str] = ()) -> dict[str, str]:
     """Writes the SavedModel, the TFLite variants, ``serving.json`` and ``labels.txt``.
+
+    ``int8_float_layers`` names classifier layers the int8 variant keeps in float32 on top
+    of its defaults (see :class:`ExportJob`).
 
     Returns:
       artifact name (``savedmodel`` or the variant) -> path.
@@ -125,6 +144,7 @@ def write_artifacts(model, spec: ServingSpec, out_dir: str, variants: Sequence[s
     Raises:
       ser_tf.serving.tflite.ConversionError: a conversion failed (the others are kept).
     """
+    kept_float = [re.escape(name) for name in _classifier_layers(model, int8_float_layers)]
     os.makedirs(out_dir, exist_ok=True)
     spec.write(out_dir)
     with open(os.path.join(out_dir, "labels.txt"), "w") as f:
@@ -134,7 +154,7 @@ def write_artifacts(model, spec: ServingSpec, out_dir: str, variants: Sequence[s
     with tempfile.TemporaryDirectory(prefix="ser_edge_") as tmp:
         edge = savedmodel.export_edge_savedmodel(model, os.path.join(tmp, "edge"))
         float_layers = (re.escape(model.frontend.name), re.escape(model.normalizer.name),
-                        *tflite.FLOAT_BLOCKS)
+                        *tflite.FLOAT_BLOCKS, *kept_float)
         for variant in variants:
             start = time.perf_counter()
             content = tflite.convert(edge, variant, calibration=calibration,
@@ -494,7 +514,8 @@ def export_workdir(experiment, job: ExportJob) -> dict:
             own = own[subsample(run.labels[own], job.calibration_clips, job.seed)]
             calibration = central_clips(run.decoded, own, segment_samples=spec.segment_samples,
                                         pad_mode=spec.pad_mode)
-        paths = write_artifacts(model, spec, out_dir, job.variants, calibration)
+        paths = write_artifacts(model, spec, out_dir, job.variants, calibration,
+                                job.int8_float_layers)
 
         test = np.asarray(fold.test)
         test = test[subsample(run.labels[test], job.max_utterances, job.seed)]
@@ -511,6 +532,10 @@ def export_workdir(experiment, job: ExportJob) -> dict:
                       corpus=experiment.corpus, protocol=experiment.protocol,
                       synthetic=any(u.corpus == "synthetic" for u in run.decoded.utterances),
                       spec=spec.to_dict())
+        if "int8" in job.variants:
+            report["int8_float_layers"] = [model.frontend.name, model.normalizer.name,
+                                           "block1 (first conv block)",
+                                           *job.int8_float_layers]
         write_json(os.path.join(out_dir, "export_report.json"), report)
         fold_dir = run.fold_workdir(fold)
         context = {"model": experiment.model.name, "fold": fold.name,
