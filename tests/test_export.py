@@ -67,7 +67,7 @@ def test_ser_export_writes_checked_artifacts_and_a_model_card(exported, syntheti
     assert rows["savedmodel"]["agreement"] == 1.0
     assert rows["float32"]["agreement"] == 1.0 and rows["float32"]["max_abs_diff"] < 1e-4
     assert rows["int8"]["ops"]["int8_ops"] > 0 and rows["int8"]["ops"]["flex_ops"] == []
-    assert report["int8_float_layers"][-1] == "bilstm"
+    assert report["int8_float_layers"] == ["bilstm"]
     assert set(rows["int8"]["robust"]) == {"transfer pgd -30 dB", "hsj SNR 20 dB"}
     for row in rows.values():
         assert row["size_bytes"] > 0 and row["latency"]["window_ms_median"] > 0

@@ -532,10 +532,8 @@ def export_workdir(experiment, job: ExportJob) -> dict:
                       corpus=experiment.corpus, protocol=experiment.protocol,
                       synthetic=any(u.corpus == "synthetic" for u in run.decoded.utterances),
                       spec=spec.to_dict())
-        if "int8" in job.variants:
-            report["int8_float_layers"] = [model.frontend.name, model.normalizer.name,
-                                           "block1 (first conv block)",
-                                           *job.int8_float_layers]
+        if "int8" in job.variants:  # kept float on top of the frontend, normaliser, block1
+            report["int8_float_layers"] = list(job.int8_float_layers)
         write_json(os.path.join(out_dir, "export_report.json"), report)
         fold_dir = run.fold_workdir(fold)
         context = {"model": experiment.model.name, "fold": fold.name,
