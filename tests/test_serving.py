@@ -71,12 +71,14 @@ def test_spec_round_trips_and_a_lone_tflite_file_says_what_is_missing(spec, tmp_
         ServingSpec(labels=("a",), sample_rate=8000, segment_samples=10, hop_samples=5)
 
 
-def _layer_dtypes(interpreter, layer: str = "frontend") -> set:
+def _layer_dtypes(interpreter, layer: str = "frontend", ops: set | None = None) -> set:
     """Dtypes of every tensor a layer's ops read or write (shapes and the complex spectrum
-    aside)."""
+    aside); with ``ops``, only the ops of those types."""
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     dtypes = set()
     for op in interpreter._get_ops_details():
+        if ops is not None and op["op_name"] not in ops:
+            continue
         outputs = [tensors[i] for i in op["outputs"] if i in tensors]
         if not any(f"/{layer}_" in t["name"] or f"/{layer}/" in t["name"] for t in outputs):
             continue
@@ -122,23 +124,15 @@ def test_every_tflite_variant_runs_with_builtin_ops_and_tracks_keras(lstm_model,
 
 
 def _arithmetic_dtypes(path, layer: str) -> set:
-    """Dtypes of the tensors of a layer's arithmetic ops (matmuls, gates, products, sums),
-    read without delegates so every op keeps its own type. Quantize, dequantize and split
-    ops at the layer's int8 borders are not arithmetic."""
+    """Dtypes of a layer's arithmetic ops (matmuls, gates, products, sums), read without
+    delegates so every op keeps its own type. Quantize, dequantize and split ops at the
+    layer's int8 borders are not arithmetic."""
     resolver = tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     interpreter = tf.lite.Interpreter(model_path=str(path),
                                       experimental_op_resolver_type=resolver)
     interpreter.allocate_tensors()
-    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
-    arithmetic = {"FULLY_CONNECTED", "BATCH_MATMUL", "LOGISTIC", "TANH", "MUL", "ADD"}
-    dtypes = set()
-    for op in interpreter._get_ops_details():
-        names = [tensors[i]["name"] for i in op["outputs"] if i in tensors]
-        if op["op_name"] in arithmetic and any(f"/{layer}_" in n or f"/{layer}/" in n
-                                               for n in names):
-            dtypes |= {tensors[i]["dtype"] for i in list(op["inputs"]) + list(op["outputs"])
-                       if i in tensors}
-    return dtypes
+    return _layer_dtypes(interpreter, layer,
+                         ops={"FULLY_CONNECTED", "BATCH_MATMUL", "LOGISTIC", "TANH", "MUL", "ADD"})
 
 
 def test_int8_keeps_the_named_classifier_layers_in_float(lstm_model, spec, artifacts,
