@@ -90,6 +90,14 @@ def test_ser_export_rejects_bad_requests(exported, tmp_path):
     assert done.returncode != 0 and "--transfer_linf_db takes numbers" in done.stderr
     done = _run("export.export", f"--workdir={workdir}", "--int8_float_layers=lstm")
     assert done.returncode != 0 and "['lstm'] are not layers of the classifier" in done.stderr
+    # A misspelt layer is caught before the corpus is read: with the data gone, the error
+    # is still the layer name, not the missing data.
+    done = _run("export.export", f"--workdir={workdir}", "--int8_float_layers=lstm",
+                f"--data_dir={tmp_path / 'gone.csv'}")
+    assert done.returncode != 0 and "['lstm'] are not layers of the classifier" in done.stderr
+    done = _run("export.export", f"--workdir={workdir}", "--variants=float32",
+                "--int8_float_layers=bilstm")
+    assert done.returncode != 0 and "apply only to the int8 variant" in done.stderr
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ Cross-validation runs also get a pooled ``export/export_report.json`` at the top
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import math
 import os
-import re
 import tempfile
 import time
 from typing import Sequence
@@ -108,6 +108,10 @@ class ExportJob:
         for value in self.transfer_linf_db:
             Budget("linf_db", float(value))  # validates
         self.blackbox_budget  # validates the black-box budget
+        if self.int8_float_layers and "int8" not in self.variants:
+            raise ValueError(f"int8_float_layers {list(self.int8_float_layers)} apply only to "
+                             f"the int8 variant, which is not among the variants "
+                             f"{list(self.variants)}")
         if self.calibration_clips < 1 and "int8" in self.variants:
             raise ValueError("int8 needs calibration_clips >= 1")
 
@@ -130,6 +134,19 @@ def _classifier_layers(model, names: Sequence[str]) -> list[str]:
     return list(names)
 
 
+def _check_float_layers_early(workdir: str, names: Sequence[str]) -> None:
+    """Checks the int8 float layers against one trained model of ``workdir`` before the
+    corpus is decoded, so a misspelt name fails at once rather than after minutes of
+    decoding. Every fold's model has the same layers; :func:`write_artifacts` checks each
+    model it exports again."""
+    if not names:
+        return
+    found = sorted(glob.glob(os.path.join(workdir, "model.keras"))
+                   + glob.glob(os.path.join(workdir, "fold_*", "model.keras")))
+    if found:
+        _classifier_layers(keras.saving.load_model(found[0]), names)
+
+
 def write_artifacts(model, spec: ServingSpec, out_dir: str, variants: Sequence[str],
                     calibration: np.ndarray | None,
                     int8_float_layers: Sequence[str] = ()) -> dict[str, str]:
@@ -144,7 +161,8 @@ def write_artifacts(model, spec: ServingSpec, out_dir: str, variants: Sequence[s
     Raises:
       ser_tf.serving.tflite.ConversionError: a conversion failed (the others are kept).
     """
-    kept_float = [re.escape(name) for name in _classifier_layers(model, int8_float_layers)]
+    float_layers = tflite.int8_float_layers(model.frontend.name, model.normalizer.name,
+                                            _classifier_layers(model, int8_float_layers))
     os.makedirs(out_dir, exist_ok=True)
     spec.write(out_dir)
     with open(os.path.join(out_dir, "labels.txt"), "w") as f:
@@ -153,8 +171,6 @@ def write_artifacts(model, spec: ServingSpec, out_dir: str, variants: Sequence[s
     paths = {"savedmodel": savedmodel.export_savedmodel(model, spec, saved)}
     with tempfile.TemporaryDirectory(prefix="ser_edge_") as tmp:
         edge = savedmodel.export_edge_savedmodel(model, os.path.join(tmp, "edge"))
-        float_layers = (re.escape(model.frontend.name), re.escape(model.normalizer.name),
-                        *tflite.FLOAT_BLOCKS, *kept_float)
         for variant in variants:
             start = time.perf_counter()
             content = tflite.convert(edge, variant, calibration=calibration,
@@ -497,6 +513,7 @@ def export_workdir(experiment, job: ExportJob) -> dict:
     if experiment.train.speaker_norm:
         raise ValueError("ser-export does not support --speaker_norm runs: their models need "
                          "each speaker's feature statistics as a second input")
+    _check_float_layers_early(experiment.workdir, job.int8_float_layers)
     run = open_run(experiment, job.folds, progress=job.progress)
     raw_audio = dataclasses.replace(experiment.audio, trim_db=None, normalize="none",
                                     min_duration_s=0.0)

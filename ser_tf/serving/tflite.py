@@ -41,10 +41,24 @@ from typing import Sequence
 import numpy as np
 
 VARIANTS = ("float32", "float16", "dynamic", "int8")
-# Layers the int8 variant keeps in float32, as regular expressions over layer names: the
-# frontend, the feature normaliser and the first conv block (``conv_block``'s layers).
+# The classifier layers the int8 variant keeps in float32 by default, as regular expressions
+# over layer names: the first conv block (``conv_block``'s layers).
 FLOAT_BLOCKS = (r"block1_[a-z]+",)
-FLOAT_LAYERS = ("frontend", "normalizer") + FLOAT_BLOCKS
+
+
+def int8_float_layers(frontend: str = "frontend", normalizer: str = "normalizer",
+                      extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """Name patterns of the layers the ``int8`` variant keeps in float32.
+
+    Always the frontend and the feature normaliser (named ``frontend`` and ``normalizer``
+    by the model), and the first conv block (:data:`FLOAT_BLOCKS`); then the ``extra``
+    layers, by exact name.
+    """
+    return (re.escape(frontend), re.escape(normalizer), *FLOAT_BLOCKS,
+            *(re.escape(name) for name in extra))
+
+
+FLOAT_LAYERS = int8_float_layers()
 
 
 class ConversionError(RuntimeError):
