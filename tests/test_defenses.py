@@ -54,6 +54,7 @@ def test_budget_warms_up_linearly_in_amplitude_then_stays():
     ({"ratio": 0.0}, "ratio must be in"),
     ({"steps": 0}, "must be >= 1"),
     ({"robust_weight": 1.5}, "robust_weight"),
+    ({"awp_gamma": -0.1}, "awp_gamma"),
 ])
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -120,7 +121,12 @@ def test_adversarial_training_raises_robust_accuracy_over_standard(standard_tone
     AdversarialConfig(domain="features", budget=Budget("l2", 1.0), steps=2, ratio=0.5,
                       warmup_epochs=0),
     AdversarialConfig(budget=TONE_BUDGET, steps=2, ratio=1.0, warmup_epochs=0),
-], ids=["pgd", "fast", "trades", "pgd-features-l2", "pgd-all-adversarial"])
+    AdversarialConfig(budget=TONE_BUDGET, steps=2, ratio=0.5, warmup_epochs=0,
+                      awp_gamma=5e-3),
+    AdversarialConfig(method="trades", budget=TONE_BUDGET, steps=2, warmup_epochs=0,
+                      awp_gamma=5e-3),
+], ids=["pgd", "fast", "trades", "pgd-features-l2", "pgd-all-adversarial", "pgd-awp",
+        "trades-awp"])
 def test_adversarial_steps_train_every_weight_and_report_both_accuracies(config):
     x, y = tone_dataset(6, seed=0)
     model = _tone_model()
@@ -141,6 +147,57 @@ def test_adversarial_steps_train_every_weight_and_report_both_accuracies(config)
     changed = [not np.allclose(a, w.numpy()) for a, w in zip(before, model.trainable_weights)]
     assert all(changed), "every weight of the wrapped model trains"
     assert not steps.weights or all(any(w is v for v in model.weights) for w in steps.weights)
+
+
+def test_weight_perturbation_ascends_the_loss_by_its_relative_size_and_restores_exactly():
+    from ser_tf.defenses.adversarial import WeightPerturbation
+
+    x, y = tone_dataset(6, seed=0)
+    model = _tone_model()
+    model.normalizer.adapt([model.frontend(x)])
+    model(x, training=True)  # moves the batch-norm statistics off their initial values
+    awp = WeightPerturbation(model, 0.05)
+    assert awp.weights and all(len(v.shape) >= 2 for v in awp.weights)
+    assert len(awp.statistics) == 4  # two conv blocks' moving mean and variance
+
+    def loss():
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            y, model(x, training=True)))
+
+    before = {v.path: v.numpy().copy() for v in model.variables}
+    loss_before = float(loss())
+    for v in model.variables:  # the reference pass moved the statistics: set them back
+        v.assign(before[v.path])
+    originals = awp.ascend(loss)
+    perturbed = {v.path for v in awp.weights}
+    for v in model.variables:
+        if v.path in perturbed:
+            moved = np.linalg.norm(v.numpy() - before[v.path])
+            assert moved == pytest.approx(0.05 * np.linalg.norm(before[v.path]), rel=1e-4)
+        else:  # biases, batch-norm scales and statistics, normaliser statistics
+            np.testing.assert_array_equal(v.numpy(), before[v.path], err_msg=v.path)
+    assert float(loss()) > loss_before, "the perturbation goes up the loss"
+    awp.restore(originals)
+    for v in awp.weights:
+        np.testing.assert_array_equal(v.numpy(), before[v.path])
+
+
+def test_awp_steps_put_the_perturbed_weights_back_before_the_update():
+    x, y = tone_dataset(6, seed=0)
+    model = _tone_model()
+    model.normalizer.adapt([model.frontend(x)])
+    start = [w.numpy().copy() for w in model.trainable_weights]
+    config = AdversarialConfig(budget=TONE_BUDGET, steps=2, ratio=0.5, warmup_epochs=0,
+                               awp_gamma=0.05)
+    # With a zero learning rate the step must leave the weights exactly where they were:
+    # the perturbation is taken back before the update, not subtracted out of it.
+    steps = AdversarialSteps(model, config)
+    steps.compile(optimizer=keras.optimizers.SGD(0.0), jit_compile=False)
+    steps.fit(x, y, batch_size=6, epochs=1, verbose=0)
+    for a, w in zip(start, model.trainable_weights):
+        np.testing.assert_array_equal(a, w.numpy(), err_msg=w.path)
+    with pytest.raises(ValueError, match="awp_gamma"):
+        AdversarialConfig(awp_gamma=1.0)
 
 
 # -- the trainer end to end (ser-train --trainer=adversarial) -------------------------------
@@ -314,6 +371,8 @@ def test_gan_config_rejects_trades_mixing_and_bad_values():
 
     with pytest.raises(ValueError, match="TRADES"):
         GANConfig(adversarial=AdversarialConfig(method="trades"))
+    with pytest.raises(ValueError, match="awp_gamma"):
+        GANConfig(adversarial=AdversarialConfig(awp_gamma=5e-3))
     with pytest.raises(ValueError, match="ratio"):
         GANConfig(ratio=-1.0)
 

@@ -186,6 +186,11 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                          "draws (EOT), as ser-attack --eot does; each draw costs one more "
                          "pass per step. Ignored on deterministic models.", lower_bound=1,
                          flag_values=fv)
+    flags.DEFINE_float("adv_awp", 0.0, "Adversarial weight perturbation (Wu et al. 2020): "
+                       "each step also perturbs the kernels by this fraction of their norm "
+                       "along the loss gradient and takes the update's gradient there (0: "
+                       "none; 5e-3 in the paper). One more pass per step; one replica.",
+                       flag_values=fv)
     # -- GAN-augmented training (--trainer=gan) ---------------------------------------------
     flags.DEFINE_integer("gan_steps", 2000, "Generator updates of the conditional WGAN-GP.",
                          flag_values=fv)
@@ -301,7 +306,7 @@ def _method_config(fv: flags.FlagValues):
             steps=fv.adv_steps, step_size=fv.adv_step_size or None, ratio=fv.adv_ratio,
             trades_beta=fv.trades_beta, warmup_epochs=fv.adv_warmup_epochs,
             robust_weight=fv.robust_weight, val_steps=fv.adv_val_steps,
-            val_eot=fv.adv_val_eot)
+            val_eot=fv.adv_val_eot, awp_gamma=fv.adv_awp)
 
     if fv.trainer == "adversarial":
         return adversarial()

@@ -88,6 +88,10 @@ class GANConfig:
             raise ValueError(f"the generated-sample ratio must be >= 0, got {self.ratio}")
         if self.latent_dim < 1 or self.width < 1:
             raise ValueError("latent_dim and width must be >= 1")
+        if self.adversarial is not None and self.adversarial.awp_gamma:
+            raise ValueError("adversarial weight perturbation (awp_gamma) is a "
+                             "--trainer=adversarial option; GAN-augmented training does not "
+                             "perturb weights")
         if self.adversarial is not None and self.adversarial.method == "trades":
             raise ValueError("GAN-augmented training mixes in pgd or fast adversarial "
                              "examples; TRADES is a loss of its own (use "

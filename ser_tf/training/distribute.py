@@ -38,6 +38,7 @@ import logging
 import os
 import shutil
 import socket
+from typing import Callable
 
 import tensorflow as tf
 
@@ -179,7 +180,8 @@ def replicas() -> int:
     return int(current().num_replicas_in_sync)
 
 
-def minimize(optimizer, tape: tf.GradientTape, loss: tf.Tensor, variables) -> None:
+def minimize(optimizer, tape: tf.GradientTape, loss: tf.Tensor, variables, *,
+             before_update: Callable[[], None] | None = None) -> None:
     """One optimizer update from a replica's ``loss`` (the mean over the replica's
     examples) recorded on ``tape``.
 
@@ -187,9 +189,13 @@ def minimize(optimizer, tape: tf.GradientTape, loss: tf.Tensor, variables) -> No
     over replicas (the strategy's all-reduce in ``apply_gradients``) they are the gradients
     of the mean over the global batch. Every training step of the project updates its
     weights through here; call it in replica context (a train step), after the tape.
+    ``before_update`` runs between taking the gradients and applying them (adversarial
+    weight perturbation puts the weights back there).
     """
     variables = list(variables)
     grads = tape.gradient(loss, variables)
+    if before_update is not None:
+        before_update()
     n = tf.distribute.get_strategy().num_replicas_in_sync
     if n > 1:
         grads = [_scaled(g, 1.0 / n) for g in grads]
