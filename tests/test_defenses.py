@@ -182,22 +182,46 @@ def test_weight_perturbation_ascends_the_loss_by_its_relative_size_and_restores_
         np.testing.assert_array_equal(v.numpy(), before[v.path])
 
 
-def test_awp_steps_put_the_perturbed_weights_back_before_the_update():
+def test_awp_steps_take_the_gradient_at_the_perturbed_weights_and_update_the_originals():
+    from ser_tf.defenses.adversarial import WeightPerturbation
+
     x, y = tone_dataset(6, seed=0)
     model = _tone_model()
     model.normalizer.adapt([model.frontend(x)])
-    start = [w.numpy().copy() for w in model.trainable_weights]
-    config = AdversarialConfig(budget=TONE_BUDGET, steps=2, ratio=0.5, warmup_epochs=0,
-                               awp_gamma=0.05)
-    # With a zero learning rate the step must leave the weights exactly where they were:
-    # the perturbation is taken back before the update, not subtracted out of it.
-    steps = AdversarialSteps(model, config)
-    steps.compile(optimizer=keras.optimizers.SGD(0.0), jit_compile=False)
-    steps.fit(x, y, batch_size=6, epochs=1, verbose=0)
-    for a, w in zip(start, model.trainable_weights):
-        np.testing.assert_array_equal(a, w.numpy(), err_msg=w.path)
-    with pytest.raises(ValueError, match="awp_gamma"):
-        AdversarialConfig(awp_gamma=1.0)
+    start = {v.path: v.numpy().copy() for v in model.variables}
+    gamma, lr = 0.05, 0.1
+
+    def loss():
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            y, model(x, training=True)))
+
+    # The step by hand: up the loss, the gradient there, back, then SGD.
+    awp = WeightPerturbation(model, gamma)
+    originals = awp.ascend(loss)
+    with tf.GradientTape() as tape:
+        grads = tape.gradient(loss(), model.trainable_variables)
+    awp.restore(originals)
+    expected = {v.path: start[v.path] - lr * g.numpy()
+                for v, g in zip(model.trainable_variables, grads)}
+    for v in model.variables:
+        v.assign(start[v.path])
+    # The training steps on the same batch. At -160 dB (a radius of 1e-8 of the peak) the
+    # crafted examples equal the clean ones in float32, so both see the same inputs.
+    steps = AdversarialSteps(model, AdversarialConfig(
+        budget=Budget("linf_db", -160.0), steps=1, ratio=0.5, warmup_epochs=0,
+        awp_gamma=gamma))
+    steps.compile(optimizer=keras.optimizers.SGD(lr), jit_compile=False)
+    steps.fit(x, y, batch_size=len(x), epochs=1, verbose=0, shuffle=False)
+    for v in model.trainable_variables:
+        np.testing.assert_allclose(v.numpy(), expected[v.path], atol=1e-6, err_msg=v.path)
+    # And it is not the plain step, whose gradient is taken at the unperturbed weights.
+    plain = AdversarialSteps(model, dataclasses.replace(steps.config, awp_gamma=0.0))
+    for v in model.variables:
+        v.assign(start[v.path])
+    plain.compile(optimizer=keras.optimizers.SGD(lr), jit_compile=False)
+    plain.fit(x, y, batch_size=len(x), epochs=1, verbose=0, shuffle=False)
+    moved = max(np.abs(v.numpy() - expected[v.path]).max() for v in model.trainable_variables)
+    assert moved > 1e-3, "AWP's step should differ from the plain step"
 
 
 # -- the trainer end to end (ser-train --trainer=adversarial) -------------------------------
