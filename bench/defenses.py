@@ -9,6 +9,8 @@ speakers and emotions, a fresh random crop per utterance each epoch, batch 16):
 * PGD-k (Madry, every example adversarial): k attack steps (each one forward and one
   backward pass to the input) plus the training step, so about ``k + 1`` standard epochs;
 * fast: one attack step from a random start (about 2);
+* PGD-k + AWP: PGD-k with adversarial weight perturbation, whose ascent on the weights is
+  one more forward and backward pass per step (about ``k + 2``);
 * TRADES-k: k steps on the KL term, plus one inference pass for the clean prediction and a
   training step on twice the batch (about ``k + 3``);
 * GAN-augmented: the training step on the batch plus ``ratio`` generated maps (the
@@ -57,6 +59,9 @@ def _methods(steps: int) -> dict[str, tuple[AdversarialConfig | GANConfig | None
                                    warmup_epochs=0), 2.0),
         f"PGD-{steps}": (AdversarialConfig(method="pgd", budget=BUDGET, steps=steps,
                                            ratio=1.0, warmup_epochs=0), steps + 1.0),
+        f"PGD-{steps} + AWP": (AdversarialConfig(method="pgd", budget=BUDGET, steps=steps,
+                                                 ratio=1.0, warmup_epochs=0, awp_gamma=5e-3),
+                               steps + 2.0),
         f"TRADES-{steps}": (AdversarialConfig(method="trades", budget=BUDGET, steps=steps,
                                               warmup_epochs=0), steps + 3.0),
         "GAN-augmented": (GANConfig(ratio=0.5), 1.5),
