@@ -219,3 +219,21 @@ def test_every_flagfile_builds_a_valid_experiment(flagfile, monkeypatch, tmp_pat
     cfg = train.build_config(fv)
     assert cfg.trainer == fv.trainer
     assert (cfg.method is None) == (cfg.trainer == "standard")
+
+
+def test_adversarial_flags_reach_the_config_and_awp_refuses_several_replicas(tmp_path):
+    from absl import flags
+
+    from trainers import train
+
+    def config(*args):
+        fv = flags.FlagValues()
+        train.define_flags(fv)
+        fv(["ser-train", f"--workdir={tmp_path}", "--trainer=adversarial", *args])
+        return train.build_config(fv)
+
+    method = config("--adv_steps=3", "--adv_awp=5e-3").method
+    assert (method.steps, method.awp_gamma) == (3, 5e-3)
+    with pytest.raises(ValueError, match="--adv_awp runs on one replica"):
+        config("--adv_awp=5e-3", "--strategy=mirrored")
+    assert config("--strategy=mirrored").method.awp_gamma == 0.0
