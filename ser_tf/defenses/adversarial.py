@@ -79,14 +79,14 @@ class AdversarialConfig:
       warmup_epochs: epochs over which the radius grows linearly to the full budget.
       robust_weight: weight of the robust validation UAR in the model-selection score.
       val_steps: PGD steps of the per-epoch validation attack.
-      awp_gamma: relative size of the adversarial weight perturbation (0: none; Wu et
-        al. used 5e-3 for L-inf PGD-AT).
       val_eot: on a random model (one with input noise), the validation attack follows
         the gradient of the logits averaged over this many draws (expectation over
         transformation), so that selection and the logged robust UAR answer the adaptive
         attack ``ser-attack --eot`` mounts, not a one-draw PGD that the noise partly
         blinds. Each draw costs one more forward and backward pass per validation step.
         Ignored on deterministic models.
+      awp_gamma: relative size of the adversarial weight perturbation (0: none; Wu et
+        al. used 5e-3 for L-inf PGD-AT).
     """
 
     method: str = "pgd"
@@ -200,9 +200,12 @@ class WeightPerturbation:
     LSTM kernels; biases and batch-norm scales stay) by ``gamma * ||w|| * g / ||g||``,
     ``g`` the gradient of the batch loss, and returns the weights as they were;
     :meth:`restore` puts them back exactly. The ascent pass runs the model in training
-    mode; the batch-norm moving statistics it updates are set back, so each step moves
-    them once, as without AWP. One replica only: the ascent direction would need the
-    gradients of the whole global batch.
+    mode; the non-trainable state it updates (batch-norm moving statistics, random-number
+    generator states) is set back, so it leaves no trace besides the perturbation: each
+    step moves the statistics once, as without AWP, and the update's pass draws the same
+    dropout and SpecAugment masks as the ascent (a random model's input noise is drawn
+    anew: it comes from TF's global generator). One replica only: the ascent direction
+    would need the gradients of the whole global batch.
 
     Args:
       model: the model whose kernels are perturbed.
@@ -215,21 +218,19 @@ class WeightPerturbation:
                              "replica; use --strategy=default")
         self.gamma = float(gamma)
         self.weights = [v for v in model.trainable_variables if len(v.shape) >= 2]
-        self.statistics = [v for layer in model._flatten_layers(include_self=False)
-                           if isinstance(layer, keras.layers.BatchNormalization)
-                           for v in (layer.moving_mean, layer.moving_variance)]
+        self.state = list(model.non_trainable_variables)
 
     def ascend(self, loss_fn) -> list[tf.Tensor]:
         """Perturbs the kernels along the gradient of ``loss_fn()`` (a scalar)."""
         originals = [tf.identity(v) for v in self.weights]
-        statistics = [tf.identity(v) for v in self.statistics]
+        state = [tf.identity(v) for v in self.state]
         with tf.GradientTape() as tape:
             loss = loss_fn()
         grads = tape.gradient(loss, self.weights)
         for v, w, g in zip(self.weights, originals, grads):
             if g is not None:
                 v.assign_add(self.gamma * tf.norm(w) * g / (tf.norm(g) + 1e-12))
-        for v, value in zip(self.statistics, statistics):
+        for v, value in zip(self.state, state):
             v.assign(value)
         return originals
 
