@@ -74,9 +74,10 @@ def defenses_report(epochs: int = 5, repeats: int = 2, *, steps: int = 5,
     """Epoch times of each training method and their ratios to standard training.
 
     Args:
-      epochs: epochs per fit (the first is not timed). Five: PGD's second epoch still
-        carried a one-off cost of about 1 s (2.5 s against 1.5 s after it, 2026-11-24), and
-        with two timed epochs per fit the median landed between the two.
+      epochs: epochs per fit (the first is not timed). Five: now and then an epoch of
+        PGD-5 takes about 1 s more than its neighbours (2.5 s against 1.6 s, at varying
+        epochs, 2026-11-24); with two timed epochs per fit one such epoch moved the
+        median by a quarter.
       repeats: rounds over all methods.
       steps: attack steps of PGD-k and TRADES-k.
       max_files: EmoDB files, spread over speakers and emotions.
