@@ -224,6 +224,7 @@ def test_every_flagfile_builds_a_valid_experiment(flagfile, monkeypatch, tmp_pat
 def test_adversarial_flags_reach_the_config_and_awp_refuses_several_replicas(tmp_path):
     from absl import flags
 
+    from ser_tf.defenses import fold_trainer
     from trainers import train
 
     def config(*args):
@@ -235,5 +236,5 @@ def test_adversarial_flags_reach_the_config_and_awp_refuses_several_replicas(tmp
     method = config("--adv_steps=3", "--adv_awp=5e-3").method
     assert (method.steps, method.awp_gamma) == (3, 5e-3)
     with pytest.raises(ValueError, match="--adv_awp runs on one replica"):
-        config("--adv_awp=5e-3", "--strategy=mirrored")
+        fold_trainer(config("--adv_awp=5e-3", "--strategy=mirrored"))
     assert config("--strategy=mirrored").method.awp_gamma == 0.0

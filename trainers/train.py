@@ -284,9 +284,6 @@ def build_config(fv: flags.FlagValues = FLAGS):
                         deterministic=fv.deterministic, speaker_norm=fv.speaker_norm,
                         refit=fv.refit, strategy=fv.strategy)
     method = _method_config(fv)
-    if getattr(method, "awp_gamma", 0.0) and fv.strategy != "default":
-        # Checked again where the steps are built; here it fails before any decoding.
-        raise ValueError("--adv_awp runs on one replica: use --strategy=default")
     return ExperimentConfig(
         workdir=fv.workdir, corpus=fv.corpus, data_dir=fv.data_dir,
         classes=fv.classes, merge=fv.merge, protocol=fv.protocol,

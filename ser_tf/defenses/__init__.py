@@ -35,7 +35,9 @@ def fold_trainer(cfg: ExperimentConfig) -> Trainer:
     None): :func:`ser_tf.training.standard.train_fold` with the method's FoldTrainer.
 
     Raises:
-      ValueError: an unknown trainer, or a method configuration of the wrong type.
+      ValueError: an unknown trainer, a method configuration of the wrong type, or one the
+        run's distribution strategy cannot train (adversarial weight perturbation on
+        several replicas).
     """
     if cfg.trainer == "standard":
         return train_fold
@@ -46,6 +48,9 @@ def fold_trainer(cfg: ExperimentConfig) -> Trainer:
     if not isinstance(method, config_type):
         raise ValueError(f"--trainer={cfg.trainer} takes a {config_type.__name__}, got "
                          f"{type(method).__name__}")
+    if getattr(method, "awp_gamma", 0.0) and cfg.train.strategy != "default":
+        # Before any data is read; the training steps refuse it too, at run time.
+        raise ValueError("--adv_awp runs on one replica: use --strategy=default")
     return functools.partial(train_fold, trainer_factory=functools.partial(
         trainer_type, **{keyword: method}))
 
