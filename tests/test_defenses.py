@@ -149,6 +149,12 @@ def test_adversarial_steps_train_every_weight_and_report_both_accuracies(config)
     assert not steps.weights or all(any(w is v for v in model.weights) for w in steps.weights)
 
 
+def _training_loss(model, x, y) -> tf.Tensor:
+    """The mean cross-entropy of ``model`` in training mode (what an AWP step ascends)."""
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        y, model(x, training=True)))
+
+
 def test_weight_perturbation_ascends_the_loss_by_its_relative_size_and_restores_exactly():
     from ser_tf.defenses.adversarial import WeightPerturbation
 
@@ -161,8 +167,7 @@ def test_weight_perturbation_ascends_the_loss_by_its_relative_size_and_restores_
     assert any("moving_mean" in v.path for v in awp.state)
 
     def loss():
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            y, model(x, training=True)))
+        return _training_loss(model, x, y)
 
     before = {v.path: v.numpy().copy() for v in model.variables}
     loss_before = float(loss())
@@ -192,8 +197,7 @@ def test_awp_steps_take_the_gradient_at_the_perturbed_weights_and_update_the_ori
     gamma, lr = 0.05, 0.1
 
     def loss():
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            y, model(x, training=True)))
+        return _training_loss(model, x, y)
 
     # The step by hand: up the loss, the gradient there, back, then SGD.
     awp = WeightPerturbation(model, gamma)
