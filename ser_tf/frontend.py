@@ -162,10 +162,21 @@ def blocked_matmul(x: tf.Tensor, matrix: np.ndarray,
     The gradient is one dense ``g @ matrix.T``: the automatic one would pad every block's
     input gradient back to the full width and add them up.
     """
+    rows, cols = matrix.shape
+    x = tf.convert_to_tensor(x)
+
     def product(x):
-        parts = [tf.matmul(x[..., r0:r1], tf.constant(matrix[r0:r1, c0:c1]))
+        # The blocks multiply a 2-D view of ``x``. Column slices of a rank-3 ``x`` sent to
+        # tf.matmul as they are (a broadcasting batch matmul) made the whole log-mel of one
+        # utterance (a batch of one, as the tf.data pipeline computes it) take twice the CPU
+        # time: 1.9 ms against 0.8 ms per EmoDB file (make bench, pipeline part).
+        flat = tf.reshape(x, [-1, rows])
+        parts = [tf.matmul(flat[:, r0:r1], tf.constant(matrix[r0:r1, c0:c1]))
                  for c0, c1, r0, r1 in blocks]
-        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+        out = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+        out = tf.reshape(out, tf.concat([tf.shape(x)[:-1], [cols]], axis=0))
+        out.set_shape(x.shape[:-1].concatenate([cols]))
+        return out
 
     if not _written_gradients:
         return product(x)

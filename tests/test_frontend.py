@@ -46,6 +46,14 @@ def test_projection_blocks_cover_every_weight_and_stay_small(matrix):
     x = np.random.default_rng(0).random((3, matrix.shape[0])).astype(np.float32)
     np.testing.assert_allclose(blocked_matmul(x, matrix, blocks).numpy(), x @ matrix,
                                rtol=1e-5, atol=1e-6)
+    # Any leading shape: a batch of one utterance's frames, and unknown sizes in a graph,
+    # where the result keeps the static shape it can.
+    frames = np.random.default_rng(1).random((1, 7, matrix.shape[0])).astype(np.float32)
+    np.testing.assert_allclose(blocked_matmul(frames, matrix, blocks).numpy(),
+                               frames @ matrix, rtol=1e-5, atol=1e-6)
+    traced = tf.function(lambda v: blocked_matmul(v, matrix, blocks)).get_concrete_function(
+        tf.TensorSpec([None, None, matrix.shape[0]], tf.float32))
+    assert traced.structured_outputs.shape.as_list() == [None, None, matrix.shape[1]]
 
 
 def test_logmel_matches_numpy_reference():
