@@ -4,11 +4,12 @@ The work, per file: decode, resample to 16 kHz, 64-band log-mel spectrogram (25 
 window, 10 ms hop). The contenders:
 
 * ``ser_tf``: what ``decode_corpus`` runs, minus its ``Dataset.cache``: each file's header
-  is read in Python (``group_by_header``: sample rate and WAV sample format, a few bytes
-  per file), then ``decoding_dataset(paths, groups, AudioConfig(16000, trim_db=None,
-  normalize="none"))``: per group of alike files a ``tf.data.Dataset`` of paths ->
-  ``map(load_waveform(path, config, rate=r, wav_format=f), AUTOTUNE)`` (the in-graph WAV
-  decoder for that sample format alone and a resampler built for that rate; the
+  is read in Python (``group_by_header``: sample rate, WAV sample format and where the
+  samples are, a few bytes per file), then ``decoding_dataset(paths, groups,
+  AudioConfig(16000, trim_db=None, normalize="none"))``: per group of alike files a
+  ``tf.data.Dataset`` of paths and layouts -> ``map(load_waveform(path, config, rate=r,
+  wav_format=f, wav_layout=l), AUTOTUNE)`` (the WAV decoder for that sample format alone,
+  reading the samples where the header said, and a resampler built for that rate; the
   format-sniffing decoder for other containers) -> ``ignore_errors``, the groups
   concatenated; then ``map(LogMelFrontend on each waveform, AUTOTUNE)`` -> ``prefetch``.
   The header reading is timed in every pass;
@@ -62,8 +63,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 from bench.resample_quality import EMODB_WAV_DIR, make_resampled_copies, quality_report  # noqa: E402,E501
-from ser_tf.data.audio import (AudioConfig, decode_audio, decode_wav,  # noqa: E402
-                               load_waveform, to_mono)
+from ser_tf.data.audio import (AudioConfig, WavLayout, decode_audio, decode_wav,  # noqa: E402
+                               load_waveform, read_audio_header, to_mono)
 from ser_tf.data.pipeline import DecodeGroup, decoding_dataset, group_by_header  # noqa: E402
 from ser_tf.frontend import LogMelFrontend  # noqa: E402
 
@@ -269,13 +270,18 @@ def _stage_datasets(paths: Sequence[str], rate: int) -> dict[str, tf.data.Datase
         return tfio.audio.decode_wav(tf.io.read_file(path), dtype=tf.int16)
 
     groups = group_by_header(paths)
+    layouts = np.asarray([read_audio_header(p).wav_layout for p in paths], np.int64)
+    with_layouts = tf.data.Dataset.from_tensor_slices((list(paths),) + tuple(layouts.T))
     return {
         "read + tfio decode_wav, int16 (floor)": mapped(raw_decode),
-        "decode_wav (float32, format from the header)": mapped(
-            lambda p: decode_wav(p, "pcm16")),
-        "load_waveform, rate and format known (= decoding_dataset)": (
+        "decode_wav (float32, format and layout from the header)": with_layouts.map(
+            lambda p, *known: decode_wav(p, "pcm16", WavLayout(*known)),
+            num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE),
+        "load_waveform, rate, format and layout known (= decoding_dataset)": (
             decoding_dataset(paths, groups, config).prefetch(AUTOTUNE)),
         "+ log-mel (= ser_tf without the header reading)": ser_tf_dataset(paths, groups),
+        "decode_wav, header parsed in-graph (format from the header)": mapped(
+            lambda p: decode_wav(p, "pcm16")),
         "decode_audio (format sniffing, in-graph header parsing)": mapped(
             lambda p: decode_audio(p)[0]),
         "load_waveform, rate dispatched at run time": mapped(
@@ -298,25 +304,33 @@ def map_function_graphs(rate: int = 48000) -> dict[str, dict[str, float]]:
       name -> ``{"functions", "nodes", "graphdef_mb", "first_call_s", "next_call_ms"}``.
     """
     config = _config()
-    path = tf.constant(corpus_files(rate, max_files=1)[0])
+    file = corpus_files(rate, max_files=1)[0]
+    # The path, then the file's layout (as int64 tensors, as a corpus pipeline passes it).
+    args = [tf.constant(file)] + [tf.constant(v, tf.int64)
+                                  for v in read_audio_header(file).wav_layout]
     candidates = {
-        'decode_wav(path, "pcm16")': lambda p: decode_wav(p, "pcm16"),
-        "decode_audio": lambda p: decode_audio(p)[0],
-        f'load_waveform(rate={rate}, wav_format="pcm16") (ser_tf)': lambda p: load_waveform(
+        'decode_wav(path, "pcm16", layout)': lambda p, *known: decode_wav(
+            p, "pcm16", WavLayout(*known)),
+        'decode_wav(path, "pcm16")': lambda p, *_: decode_wav(p, "pcm16"),
+        "decode_audio": lambda p, *_: decode_audio(p)[0],
+        f'load_waveform(rate={rate}, wav_format="pcm16", wav_layout) (ser_tf)': (
+            lambda p, *known: load_waveform(p, config, rate=rate, wav_format="pcm16",
+                                            wav_layout=WavLayout(*known))),
+        f'load_waveform(rate={rate}, wav_format="pcm16")': lambda p, *_: load_waveform(
             p, config, rate=rate, wav_format="pcm16"),
-        f"load_waveform(rate={rate})": lambda p: load_waveform(p, config, rate=rate),
-        "load_waveform (run-time rate dispatch)": lambda p: load_waveform(p, config),
+        f"load_waveform(rate={rate})": lambda p, *_: load_waveform(p, config, rate=rate),
+        "load_waveform (run-time rate dispatch)": lambda p, *_: load_waveform(p, config),
     }
+    specs = [tf.TensorSpec([], tf.string)] + [tf.TensorSpec([], tf.int64)] * (len(args) - 1)
     out = {}
     for name, fn in candidates.items():
-        concrete = tf.function(fn, autograph=False).get_concrete_function(
-            tf.TensorSpec([], tf.string))
+        concrete = tf.function(fn, autograph=False).get_concrete_function(*specs)
         graph = concrete.graph.as_graph_def()
         start = time.perf_counter()
-        concrete(path)
+        concrete(*args)
         first = time.perf_counter() - start
         start = time.perf_counter()
-        concrete(path)
+        concrete(*args)
         out[name] = {"functions": len(graph.library.function),
                      "nodes": len(graph.node) + sum(len(f.node_def)
                                                     for f in graph.library.function),
@@ -505,10 +519,11 @@ def to_markdown(report: dict) -> str:
         "What runs: decode + resample to 16 kHz + 64-mel log spectrogram (25 ms / 10 ms), "
         "per file. **ser_tf** (what `decode_corpus` runs, without its `Dataset.cache`): "
         "`group_by_header` reads each file's header in Python (sample rate, WAV sample "
-        "format), then `decoding_dataset`: per group of alike files `tf.data` of paths -> "
-        "`map(load_waveform(path, config, rate=r, wav_format=f), AUTOTUNE)` (AudioConfig "
-        "16 kHz, no trimming, no normalisation; the in-graph WAV decoder for that sample format "
-        "alone and a resampler built for that rate) -> `ignore_errors`, groups "
+        "format and where the samples are), then `decoding_dataset`: per group of alike "
+        "files `tf.data` of paths and layouts -> `map(load_waveform(path, config, rate=r, "
+        "wav_format=f, wav_layout=l), AUTOTUNE)` (AudioConfig 16 kHz, no trimming, no "
+        "normalisation; the WAV decoder for that sample format alone, reading the samples "
+        "where the header said, and a resampler built for that rate) -> `ignore_errors`, groups "
         "concatenated -> `map(LogMelFrontend on each waveform, AUTOTUNE)` -> `prefetch`; "
         "the header reading is timed in every pass. **ser_tf run-time dispatch**: "
         "`load_waveform(path, config)` sniffing the format and finding the rate in-graph "
@@ -527,7 +542,9 @@ def to_markdown(report: dict) -> str:
         "is on this median ratio. Best pass: the fastest of those passes (other jobs only "
         "add time, so best passes are the nearest to a quiet machine). CPU ms/utt is "
         "process CPU time (all threads) per file: steadier than wall time when other "
-        "jobs share the cores, since librosa uses one core and tf.data all it gets. "
+        "jobs share the cores. librosa's loop works on one core; its BLAS threads add CPU "
+        "time but no speed (same utt/s with them pinned to one thread), so its CPU column "
+        "overstates its work. "
         "Pass start-up: the header reading (ser_tf), creating the iterator and getting "
         "the first element (tf.data instantiates its map functions again for every new "
         "iterator, so every pass pays it); the last column is the rate once the pass is "
@@ -567,10 +584,12 @@ def to_markdown(report: dict) -> str:
             "The ser_tf pipeline in steps, timed like the table above: its Python header "
             "reading alone, then cumulative prefixes of its tf.data pass (from the floor to "
             "`+ log-mel`, each row adds one step to the row above it; the CPU difference "
-            "between rows is that step's cost); then, for comparison, the general decoder "
-            "that sniffs the format and parses the header in-graph, and the full run-time "
-            "dispatch; and librosa's load alone. The last column leaves out the pass "
-            "start-up (its CPU time too): the per-file cost once the pass runs.",
+            "between rows is that step's cost); then, for comparison, the WAV decoder "
+            "parsing the header in-graph (what ser_tf ran before its header reading kept "
+            "where the samples are), the general decoder that sniffs the format and parses "
+            "the header in-graph, and the full run-time dispatch; and librosa's load alone. "
+            "The last column leaves out the pass start-up (its CPU time too): the per-file "
+            "cost once the pass runs.",
             "",
             "| input | stage | utt/s | CPU ms/utt | pass start-up s "
             "| CPU ms/utt after start-up |",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import soundfile
@@ -9,9 +11,14 @@ import tensorflow as tf
 import tensorflow_io as tfio
 
 from conftest import sine, write_wav, write_wav_encoded
-from ser_tf.data.audio import (AudioConfig, AudioHeader, AudioHeaderError, decode_audio,
-                               decode_wav, load_waveform, normalize_level,
+from ser_tf.data.audio import (AudioConfig, AudioHeader, AudioHeaderError, WavLayout,
+                               decode_audio, decode_wav, load_waveform, normalize_level,
                                read_audio_header, trim_silence)
+
+
+def _header(path) -> AudioHeader:
+    """The file's header without its WAV layout (checked by decoding with it)."""
+    return dataclasses.replace(read_audio_header(path), wav_layout=None)
 
 
 def _peak_hz(x: np.ndarray, rate: int) -> float:
@@ -120,7 +127,7 @@ def test_every_bad_audio_case_raises(tmp_path):
 @pytest.mark.parametrize("rate", [8000, 44100, 48000])
 def test_header_rate_and_static_rate_paths_match_the_dispatch(tmp_path, rate):
     path = write_wav(tmp_path / "s.wav", sine(700, rate, 0.5, 0.5), rate)
-    assert read_audio_header(path) == AudioHeader("wav", rate, wav_format="pcm16")
+    assert _header(path) == AudioHeader("wav", rate, wav_format="pcm16")
     cfg = AudioConfig(trim_db=None, normalize="none")
     dynamic = load_waveform(tf.constant(path), cfg).numpy()
     static = load_waveform(tf.constant(path), cfg, rate=rate).numpy()
@@ -131,6 +138,9 @@ def test_header_rate_and_static_rate_paths_match_the_dispatch(tmp_path, rate):
         load_waveform(tf.constant(path), cfg, rate=22050)
     with pytest.raises(ValueError, match="needs"):
         load_waveform(tf.constant(path), cfg, wav_format="pcm16")
+    with pytest.raises(ValueError, match="wav_layout needs"):
+        load_waveform(tf.constant(path), cfg, rate=rate,
+                      wav_layout=read_audio_header(path).wav_layout)
 
 
 def _encode_other(path, fmt: str, rate: int = 16000) -> str:
@@ -153,21 +163,28 @@ def test_header_wav_format_and_lean_decode_match_the_general_decoder(tmp_path, e
                                                                      wav_format, extensible):
     x = sine(440, 22050, 0.4, 0.5)
     path = write_wav_encoded(tmp_path / "a.wav", x, 22050, encoding, extensible=extensible)
-    assert read_audio_header(path) == AudioHeader("wav", 22050, wav_format)
+    assert _header(path) == AudioHeader("wav", 22050, wav_format)
     general, _ = decode_audio(tf.constant(path))
     lean = decode_wav(tf.constant(path), wav_format)
     np.testing.assert_array_equal(lean.numpy(), general.numpy())
+    layout = read_audio_header(path).wav_layout
+    np.testing.assert_array_equal(decode_wav(tf.constant(path), wav_format, layout).numpy(),
+                                  general.numpy())
     np.testing.assert_allclose(lean.numpy()[:, 0], x, atol=1 / 127 if encoding == "pcm8" else 1e-4)
     cfg = AudioConfig(trim_db=None, normalize="none")
     np.testing.assert_array_equal(
         load_waveform(tf.constant(path), cfg, rate=22050, wav_format=wav_format).numpy(),
+        load_waveform(tf.constant(path), cfg, rate=22050).numpy())
+    np.testing.assert_array_equal(
+        load_waveform(tf.constant(path), cfg, rate=22050, wav_format=wav_format,
+                      wav_layout=layout).numpy(),
         load_waveform(tf.constant(path), cfg, rate=22050).numpy())
 
 
 def test_header_walks_chunks_before_fmt(tmp_path):
     path = write_wav_encoded(tmp_path / "a.wav", sine(440, 8000, 0.2), 8000, "pcm16",
                              list_chunk_first=True)
-    assert read_audio_header(path) == AudioHeader("wav", 8000, "pcm16")
+    assert _header(path) == AudioHeader("wav", 8000, "pcm16")
 
 
 @pytest.mark.parametrize("fmt,rate", [("flac", 16000), ("flac", 44100), ("ogg", 16000),
@@ -215,13 +232,21 @@ _WAV_FORMAT_OF = {"pcm8": "pcm8", "pcm16": "pcm16", "pcm24": "pcm32", "pcm32": "
 
 
 def _decode_both_ways(path: str, wav_format: str) -> np.ndarray:
-    """The file decoded by decode_audio and the lean decode_wav, eagerly and in a tf.data
-    map (graph), checked identical; the one result."""
+    """The file decoded by decode_audio, the lean decode_wav, and decode_wav reading the
+    samples where the Python header reader found them (the layout as tensors, as a corpus
+    pipeline passes it), eagerly and in a tf.data map (graph), checked identical; the one
+    result."""
     eager, _ = decode_audio(tf.constant(path))
+    layout = read_audio_header(path).wav_layout
+    assert layout is not None
     mapped = tf.data.Dataset.from_tensors(path)
+    with_layout = tf.data.Dataset.from_tensors((path,) + tuple(np.int64(v) for v in layout))
     graph_general = next(iter(mapped.map(lambda p: decode_audio(p)[0])))
     graph_lean = next(iter(mapped.map(lambda p: decode_wav(p, wav_format))))
-    for other in (decode_wav(tf.constant(path), wav_format), graph_general, graph_lean):
+    graph_layout = next(iter(with_layout.map(
+        lambda p, *known: decode_wav(p, wav_format, WavLayout(*known)))))
+    for other in (decode_wav(tf.constant(path), wav_format), graph_general, graph_lean,
+                  decode_wav(tf.constant(path), wav_format, layout), graph_layout):
         np.testing.assert_array_equal(other.numpy(), eager.numpy())
     return eager.numpy()
 
@@ -252,7 +277,7 @@ def test_wav_chunk_layouts_decode_alike(tmp_path, encoding, layout):
                "extensible": layout in ("extensible", "all")}
     path = write_wav_encoded(tmp_path / "a.wav", x, 8000, encoding, **options)
     plain = write_wav_encoded(tmp_path / "plain.wav", x, 8000, encoding)
-    assert read_audio_header(path) == AudioHeader("wav", 8000, _WAV_FORMAT_OF[encoding])
+    assert _header(path) == AudioHeader("wav", 8000, _WAV_FORMAT_OF[encoding])
     got = _decode_both_ways(path, _WAV_FORMAT_OF[encoding])
     np.testing.assert_array_equal(got, _decode_both_ways(plain, _WAV_FORMAT_OF[encoding]))
     np.testing.assert_array_equal(got, soundfile.read(path, dtype="float32",
@@ -290,6 +315,9 @@ def test_bad_wav_files_fail_with_a_clear_message(tmp_path, case, message):
                                                    8000, "float32"), "rb").read()}[case]
     path = tmp_path / "bad.wav"
     path.write_bytes(data)
+    if case != "wrong_format":  # the header reader refuses it alike
+        with pytest.raises(AudioHeaderError, match=message):
+            read_audio_header(path)
     decoders = [lambda p: decode_wav(p, "pcm16")]
     if case != "wrong_format":
         decoders.append(lambda p: decode_audio(p)[0])
@@ -298,3 +326,17 @@ def test_bad_wav_files_fail_with_a_clear_message(tmp_path, case, message):
             decode(tf.constant(str(path)))
         with pytest.raises(tf.errors.InvalidArgumentError, match=message):
             next(iter(tf.data.Dataset.from_tensors(str(path)).map(decode)))
+
+
+def test_layout_decode_fails_on_a_file_cut_after_its_header_was_read(tmp_path):
+    path = write_wav(tmp_path / "a.wav", sine(440, 8000, 0.2, 0.5), 8000)
+    layout = read_audio_header(path).wav_layout
+    assert layout.data_offset + layout.data_size == len(open(path, "rb").read())
+    with open(path, "r+b") as f:
+        f.truncate(layout.data_offset + layout.data_size // 2)
+    message = "data chunk runs past the end of the file"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        decode_wav(tf.constant(path), "pcm16", layout)
+    with_layout = tf.data.Dataset.from_tensors((path,) + tuple(np.int64(v) for v in layout))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        next(iter(with_layout.map(lambda p, *known: decode_wav(p, "pcm16", WavLayout(*known)))))

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import sine, write_wav, write_wav_encoded
-from ser_tf.data.audio import AudioConfig
+from ser_tf.data.audio import AudioConfig, read_audio_header
 from ser_tf.data.corpora import Utterance
 from ser_tf.data.pipeline import (AugmentConfig, BadAudioError, DecodeGroup, augment_waveform,
                                   batch_windows, decode_corpus, decoding_dataset,
@@ -95,11 +95,18 @@ def test_group_by_header_groups_alike_files_and_leaves_out_bad_ones(tmp_path, mi
     paths, _ = mixed_files
     bad = _make_bad_files(tmp_path)
     groups = group_by_header(paths + [bad[k] for k in ("not_audio", "missing", "truncated")])
-    assert groups == [
+    assert [dataclasses.replace(g, layouts=None) for g in groups] == [
         DecodeGroup(16000, None, (1, 5)), DecodeGroup(16000, "float32", (3,)),
         DecodeGroup(16000, "pcm16", (0, 7)), DecodeGroup(16000, "pcm8", (4,)),
         DecodeGroup(44100, "pcm16", (6,)), DecodeGroup(48000, "pcm32", (2,)),
     ]
+    # WAV groups carry each member's layout, read from its header; the others none.
+    for group in groups:
+        if group.wav_format is None:
+            assert group.layouts is None
+        else:
+            assert group.layouts == tuple(read_audio_header(paths[i]).wav_layout
+                                          for i in group.members)
     with pytest.raises(ValueError, match="no groups"):
         decoding_dataset(paths, [], CFG)
 

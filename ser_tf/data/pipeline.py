@@ -3,10 +3,11 @@
 The flow:
 
 1. :func:`decode_corpus` reads every file's header in Python
-   (:func:`group_by_header`: sample rate and, for WAV files, sample format), then decodes
-   each group of alike files in parallel (``AUTOTUNE``) with a graph made for that group
-   alone (:func:`decoding_dataset`: a resampler built for that rate and, for WAV files,
-   the WAV decoder for that sample format instead of the format-sniffing decoder),
+   (:func:`group_by_header`: sample rate and, for WAV files, sample format and where the
+   samples are), then decodes each group of alike files in parallel (``AUTOTUNE``) with a
+   graph made for that group alone (:func:`decoding_dataset`: a resampler built for that
+   rate and, for WAV files, the WAV decoder for that sample format reading the samples
+   where the header said, instead of the format-sniffing decoder),
    conditions the audio (:func:`ser_tf.data.audio.load_waveform`) and caches the
    waveforms (in memory, or in a cache file for corpora larger than RAM). Small graphs
    matter: tf.data instantiates its map functions again for every iterator. This single
@@ -36,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from ser_tf.data.audio import AudioConfig, load_waveform, read_audio_header
+from ser_tf.data.audio import AudioConfig, WavLayout, load_waveform, read_audio_header
 from ser_tf.data.corpora import Utterance
 from ser_tf.data.resample import resample
 
@@ -157,11 +158,14 @@ class DecodeGroup:
       wav_format: their WAV sample format (decoded by the WAV decoder for that format
         alone), or None (the format-sniffing decoder).
       members: their indices in the list of paths, in order.
+      layouts: for a WAV group, each member's :class:`WavLayout` (where its samples are,
+        from its header), so its decoder does not parse the header again; else None.
     """
 
     rate: int
     wav_format: str | None
     members: tuple[int, ...]
+    layouts: tuple[WavLayout, ...] | None = None
 
 
 def group_by_header(paths: Sequence[str]) -> list[DecodeGroup]:
@@ -175,26 +179,38 @@ def group_by_header(paths: Sequence[str]) -> list[DecodeGroup]:
       (missing, unreadable, not audio, corrupt or truncated) is in no group: it is bad,
       and decoding it alone names the reason.
     """
-    members: dict[tuple[int, str], list[int]] = {}
+    members: dict[tuple[int, str], list[tuple[int, WavLayout | None]]] = {}
     for i, path in enumerate(paths):
         try:
             header = read_audio_header(path)
         except (OSError, ValueError):
             continue
-        members.setdefault((header.rate, header.wav_format or ""), []).append(i)
-    return [DecodeGroup(rate, wav_format or None, tuple(idx))
-            for (rate, wav_format), idx in sorted(members.items())]
+        members.setdefault((header.rate, header.wav_format or ""), []).append(
+            (i, header.wav_layout))
+    return [DecodeGroup(rate, wav_format or None, tuple(i for i, _ in found),
+                        tuple(layout for _, layout in found) if wav_format else None)
+            for (rate, wav_format), found in sorted(members.items())]
 
 
 def _decode_group(paths: Sequence[str], group: DecodeGroup,
                   config: AudioConfig) -> tf.data.Dataset:
-    """``(index, waveform)`` of the files of one group, with a graph made for that group."""
-    def load(rate: int | None, wav_format: str | None):
-        return lambda i, path: (i, load_waveform(path, config, rate=rate,
-                                                 wav_format=wav_format))
+    """``(index, waveform)`` of the files of one group, with a graph made for that group.
 
-    ds = tf.data.Dataset.from_tensor_slices((np.asarray(group.members, np.int64),
-                                             [paths[i] for i in group.members]))
+    A WAV group's elements carry each file's layout (int64 fields of :class:`WavLayout`),
+    so the decoder reads the samples straight from where the header reading found them.
+    """
+    def load(rate: int | None, wav_format: str | None):
+        def fn(i, path, *layout):
+            wav_layout = WavLayout(*layout) if layout and wav_format else None
+            return i, load_waveform(path, config, rate=rate, wav_format=wav_format,
+                                    wav_layout=wav_layout)
+        return fn
+
+    columns = (np.asarray(group.members, np.int64), [paths[i] for i in group.members])
+    if group.layouts is not None:
+        columns += tuple(np.asarray(group.layouts, np.int64).reshape(
+            len(group.members), len(WavLayout._fields)).T)
+    ds = tf.data.Dataset.from_tensor_slices(columns)
     try:
         ds = ds.map(load(group.rate, group.wav_format), num_parallel_calls=AUTOTUNE,
                     deterministic=True)
