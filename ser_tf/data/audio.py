@@ -186,6 +186,18 @@ def _fail_on_first(checks: list[tuple[tf.Tensor, str]]) -> tf.Tensor:
     return tf.strings.to_number(verdict, tf.int32)
 
 
+def _checked(wave: tf.Tensor, checks: list[tuple[tf.Tensor, str]]) -> tf.Tensor:
+    """The 1-D ``wave``, available only once every ``(ok, message)`` check holds; else fails
+    with the first failing check's message (:func:`_fail_on_first`: stateless, so no
+    Assert op or cond in the map functions that run once per file).
+
+    The check's 0 is the start of a slice of the whole wave (which TF forwards without a
+    copy): a data dependency, since a control dependency on a stateless op is pruned from
+    tf.data's optimised functions and the check would never run.
+    """
+    return wave[_fail_on_first(checks):]
+
+
 # RIFF chunk ids as the little-endian int32 their four bytes read as.
 _FMT_ID = int.from_bytes(b"fmt ", "little", signed=True)
 _DATA_ID = int.from_bytes(b"data", "little", signed=True)
@@ -715,9 +727,10 @@ def load_waveform(path: tf.Tensor, config: AudioConfig, rate: int | None = None,
     else:
         audio, file_rate = decode_audio(path)
     wave = to_mono(audio)
-    tf.debugging.assert_greater(tf.size(wave), 0, message="empty audio (no samples)")
+    checks = [(tf.size(wave) > 0, "empty audio (no samples)")]
     if wav_format in (None, "float32"):  # integer samples are always finite
-        tf.debugging.assert_all_finite(wave, message="audio has NaN or Inf samples")
+        checks.append((tf.reduce_all(tf.math.is_finite(wave)), "audio has NaN or Inf samples"))
+    wave = _checked(wave, checks)
     if rate is None:
         wave = resample_to(wave, file_rate, config.sample_rate, config.resample_quality)
     else:
@@ -740,13 +753,11 @@ def condition(wave: tf.Tensor, config: AudioConfig) -> tf.Tensor:
     """
     # Each check gates what follows it, so bad audio fails with its own message rather than
     # in whichever op on it happens to run first.
-    with tf.control_dependencies([tf.debugging.assert_greater(
-            tf.reduce_max(tf.abs(wave)), 1e-6, message="silent audio (all samples zero)")]):
-        wave = tf.identity(wave)
+    wave = _checked(wave, [(tf.reduce_max(tf.abs(wave)) > 1e-6,
+                            "silent audio (all samples zero)")])
     if config.trim_db is not None:
         wave = trim_silence(wave, config.trim_db)
     min_samples = int(config.min_duration_s * config.sample_rate)
-    with tf.control_dependencies([tf.debugging.assert_greater_equal(
-            tf.size(wave), max(1, min_samples), message="audio too short after trimming")]):
-        wave = tf.identity(wave)
+    wave = _checked(wave, [(tf.size(wave) >= max(1, min_samples),
+                            "audio too short after trimming")])
     return normalize_level(wave, config.normalize, config.level_db)
