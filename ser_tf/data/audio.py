@@ -13,9 +13,11 @@ and inside ``tf.function``.
 Where the files are known before the pipeline runs (a corpus), :func:`read_audio_header`
 reads each header in Python (a few bytes per file) so that :func:`load_waveform` can be
 specialised per group of files: a resampler built for their rate alone and, for WAV files
-(most corpora), the WAV decoder for their sample format alone (:func:`decode_wav`)
-instead of the format-sniffing decoder. tf.data instantiates its map functions again for
-every iterator, so a small graph is also a fast start.
+(most corpora), the WAV decoder for their sample format alone (:func:`decode_wav`),
+reading the samples where the header reading found them (:class:`WavLayout`), instead of
+the format-sniffing decoder. tf.data instantiates its map functions again for every
+iterator, so a small graph is also a fast start; for the same reason the checks on the
+audio are stateless ops rather than Assert ops.
 
 Bad audio (unreadable, not audio, truncated, empty, silent, non-finite) raises a TF error
 whose message names the problem; :mod:`ser_tf.data.pipeline` turns those into a per-file
