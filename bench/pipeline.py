@@ -286,7 +286,8 @@ def _stage_datasets(paths: Sequence[str], rate: int) -> dict[str, tf.data.Datase
         return tfio.audio.decode_wav(tf.io.read_file(path), dtype=tf.int16)
 
     groups = group_by_header(paths)
-    layouts = np.asarray([read_audio_header(p).wav_layout for p in paths], np.int64)
+    layout_of = {i: layout for group in groups for i, layout in zip(group.members, group.layouts)}
+    layouts = np.asarray([layout_of[i] for i in range(len(paths))], np.int64)
     with_layouts = tf.data.Dataset.from_tensor_slices((list(paths),) + tuple(layouts.T))
     return {
         "read + tfio decode_wav, int16 (floor)": mapped(raw_decode),

@@ -16,8 +16,9 @@ specialised per group of files: a resampler built for their rate alone and, for 
 (most corpora), the WAV decoder for their sample format alone (:func:`decode_wav`),
 reading the samples where the header reading found them (:class:`WavLayout`), instead of
 the format-sniffing decoder. tf.data instantiates its map functions again for every
-iterator, so a small graph is also a fast start; for the same reason the checks on the
-audio are stateless ops rather than Assert ops.
+iterator, so a small graph is also a fast start; for the same reason the checks of
+:func:`load_waveform` and :func:`condition` on the decoded audio are stateless ops rather
+than Assert ops.
 
 Bad audio (unreadable, not audio, truncated, empty, silent, non-finite) raises a TF error
 whose message names the problem; :mod:`ser_tf.data.pipeline` turns those into a per-file
@@ -200,6 +201,11 @@ def _checked(wave: tf.Tensor, checks: list[tuple[tf.Tensor, str]]) -> tf.Tensor:
     return wave[_fail_on_first(checks):]
 
 
+# What the WAV header checks say, alike from the in-graph parser and the Python reader.
+_NO_FMT = "corrupt WAV: no fmt chunk, or one with no channels"
+_NO_DATA = ("corrupt or truncated WAV: no data chunk, or one running past the end of the "
+            "file")
+
 # RIFF chunk ids as the little-endian int32 their four bytes read as.
 _FMT_ID = int.from_bytes(b"fmt ", "little", signed=True)
 _DATA_ID = int.from_bytes(b"data", "little", signed=True)
@@ -304,11 +310,9 @@ def _wav_layout(contents: tf.Tensor, accepts: Callable[[tf.Tensor, tf.Tensor], t
 
     def problems(layout: WavLayout) -> list[tuple[tf.Tensor, str]]:
         return [
-            (layout.channels > 0, "corrupt WAV: no fmt chunk, or one with no channels"),
+            (layout.channels > 0, _NO_FMT),
             (tf.logical_and(layout.data_size >= 0,
-                            layout.data_size <= size - layout.data_offset),
-             "corrupt or truncated WAV: no data chunk, or one running past the end of the "
-             "file"),
+                            layout.data_size <= size - layout.data_offset), _NO_DATA),
             (accepts(layout.encoding, layout.bits), refusal),
         ]
 
@@ -431,10 +435,9 @@ def _wav_chunks(f, size: int) -> tuple[int, int, int]:
             break
         offset += 8 + chunk_size + chunk_size % 2
     if fmt < 0 or fmt + 24 > size:
-        raise AudioHeaderError("corrupt WAV: no fmt chunk, or one with no channels")
+        raise AudioHeaderError(_NO_FMT)
     if data < 0 or data_size > size - data:
-        raise AudioHeaderError("corrupt or truncated WAV: no data chunk, or one running "
-                               "past the end of the file")
+        raise AudioHeaderError(_NO_DATA)
     return fmt, data, data_size
 
 
@@ -466,7 +469,7 @@ def _parse_header(f, size: int) -> AudioHeader:
         if encoding == 0xFFFE:  # WAVE_FORMAT_EXTENSIBLE: the encoding is in the sub-format
             encoding = struct.unpack("<H", fmt[32:34])[0]
         if channels == 0:
-            raise AudioHeaderError("corrupt WAV: no fmt chunk, or one with no channels")
+            raise AudioHeaderError(_NO_FMT)
         wav_format = _wav_sample_format(encoding, bits)
         layout = (WavLayout(encoding, channels, rate, bits, data_offset, data_size)
                   if wav_format else None)
@@ -737,8 +740,8 @@ def load_waveform(path: tf.Tensor, config: AudioConfig, rate: int | None = None,
         wave = resample_to(wave, file_rate, config.sample_rate, config.resample_quality)
     else:
         if file_rate is not None:
-            tf.debugging.assert_equal(file_rate, tf.constant(rate, tf.int64),
-                                      message="sample rate differs from the one probed")
+            wave = _checked(wave, [(tf.equal(file_rate, rate),
+                                    "sample rate differs from the one probed")])
         wave = resample(wave, rate, config.sample_rate, quality=config.resample_quality)
     return condition(wave, config)
 

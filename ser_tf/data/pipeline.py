@@ -208,8 +208,7 @@ def _decode_group(paths: Sequence[str], group: DecodeGroup,
 
     columns = (np.asarray(group.members, np.int64), [paths[i] for i in group.members])
     if group.layouts is not None:
-        columns += tuple(np.asarray(group.layouts, np.int64).reshape(
-            len(group.members), len(WavLayout._fields)).T)
+        columns += tuple(np.asarray(group.layouts, np.int64).T)
     ds = tf.data.Dataset.from_tensor_slices(columns)
     try:
         ds = ds.map(load(group.rate, group.wav_format), num_parallel_calls=AUTOTUNE,
