@@ -2,8 +2,8 @@
 
 The frontend lives inside the model (DESIGN.md, convention 3): one graph serves training,
 waveform-domain attacks (gradients flow from the logits back to the samples) and export.
-Every layer here is built from ``tf.signal`` ops, which are differentiable and map onto
-TFLite built-in ops.
+Every layer here is built from differentiable TensorFlow ops (``tf.signal``'s FFTs,
+gathers, small matrix products) that map onto TFLite built-in ops.
 
 Shapes: waveforms are ``[batch, samples]`` float32; features are
 ``[batch, frames, bins, channels]`` where channels is 1, or 3 with deltas (static, delta,
@@ -169,9 +169,12 @@ def blocked_matmul(x: tf.Tensor, matrix: np.ndarray,
         # The blocks multiply a 2-D view of ``x``. Column slices of a rank-3 ``x`` sent to
         # tf.matmul as they are (a broadcasting batch matmul) made the whole log-mel of one
         # utterance (a batch of one, as the tf.data pipeline computes it) take twice the CPU
-        # time: 1.9 ms against 0.8 ms per EmoDB file (make bench, pipeline part).
+        # time: 1.9 ms against 0.8 ms per EmoDB file (make bench, pipeline part). tf.slice
+        # rather than [] indexing: every graph node counts again each time a tf.data
+        # iterator instantiates its map function (see frame_signal).
         flat = tf.reshape(x, [-1, rows])
-        parts = [tf.matmul(flat[:, r0:r1], tf.constant(matrix[r0:r1, c0:c1]))
+        parts = [tf.matmul(tf.slice(flat, [0, r0], [-1, r1 - r0]),
+                           tf.constant(matrix[r0:r1, c0:c1]))
                  for c0, c1, r0, r1 in blocks]
         out = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
         out = tf.reshape(out, tf.concat([tf.shape(x)[:-1], [cols]], axis=0))
@@ -191,12 +194,50 @@ def blocked_matmul(x: tf.Tensor, matrix: np.ndarray,
     return with_gradient(x)
 
 
+def frame_signal(signal: tf.Tensor, frame_length: int, frame_step: int) -> tf.Tensor:
+    """``[batch, samples]`` -> ``[batch, frames, frame_length]``: the frames of
+    ``tf.signal.frame(signal, frame_length, frame_step)`` (not centred, no end padding; the
+    signal at least one frame long), built from fewer graph nodes.
+
+    Like ``tf.signal.frame``, it cuts the signal into subframes of
+    ``gcd(frame_length, frame_step)`` samples and gathers each frame's subframes; only the
+    shape handling differs. Written for rank 2, it takes a fraction of the general
+    function's nodes (any rank, any axis), and node count is what a tf.data pipeline pays
+    for on every pass: each new iterator instantiates its map functions again, running
+    Grappler over every node. With a static length every shape is a Python int, so a
+    fixed-length export (TFLite) gets constant shapes and gather indices, and no slice
+    unless the length is not a whole number of subframes.
+    """
+    sub = math.gcd(frame_length, frame_step)
+    per_frame, per_hop = frame_length // sub, frame_step // sub
+    samples = signal.shape[1]
+    if samples is not None:
+        count = 1 + (samples - frame_length) // frame_step
+        if samples % sub:
+            signal = signal[:, :samples - samples % sub]
+        subframes = tf.reshape(signal, [-1, samples // sub, sub])
+        index = np.arange(count)[:, None] * per_hop + np.arange(per_frame)
+        return tf.reshape(tf.gather(subframes, index.astype(np.int32), axis=1),
+                          [-1, count, frame_length])
+    batch, length = tf.unstack(tf.shape(signal))
+    count = 1 + (length - frame_length) // frame_step
+    whole = length // sub
+    subframes = tf.reshape(tf.slice(signal, [0, 0], tf.stack([-1, whole * sub])),
+                           tf.stack([batch, whole, sub]))
+    index = tf.range(count)[:, None] * per_hop + np.arange(per_frame, dtype=np.int32)
+    frames = tf.reshape(tf.gather(subframes, index, axis=1),
+                        tf.stack([batch, count, frame_length]))
+    frames.set_shape([signal.shape[0], None, frame_length])
+    return frames
+
+
 def power_spectrum(waveform: tf.Tensor, frame_length: int, frame_step: int,
                    fft_length: int) -> tf.Tensor:
     """``|STFT|^2`` of ``[batch, samples]`` waveforms (periodic Hann window, frames not
     centred; at least one frame long): ``[batch, frames, fft_length // 2 + 1]``.
 
-    The forward pass is ``tf.signal.stft`` (what TFLite converts). The gradient is written
+    The forward pass is :func:`frame_signal`, the window and ``tf.signal.rfft`` (what
+    TFLite converts to built-in ops, RFFT2D among them). The gradient is written
     out, because TensorFlow's automatic one (through the RFFT's generic gradient and the
     framing's gather) costs twice the forward pass: with ``S = rfft(w * frame)`` and
     ``P = |S|^2``, the gradient of a loss with ``dL/dP = g`` is, per frame,
@@ -204,23 +245,27 @@ def power_spectrum(waveform: tf.Tensor, frame_length: int, frame_step: int,
     2 at the DC and Nyquist bins and 1 elsewhere), and the frames' gradients overlap-add
     onto the samples. First-order only (the gradient's own gradient is not derived).
     """
+    # The periodic Hann window (tf.signal.hann_window's), a constant rather than computed.
+    hann = (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(frame_length) / frame_length)
+            ).astype(np.float32)
+
     def stft(x):
-        return tf.signal.stft(x, frame_length, frame_step, fft_length,
-                              window_fn=tf.signal.hann_window, pad_end=False)
+        return tf.signal.rfft(frame_signal(x, frame_length, frame_step) * hann, [fft_length])
+
+    def power(spec):
+        return tf.square(tf.math.real(spec)) + tf.square(tf.math.imag(spec))
 
     if not _written_gradients:
-        spec = stft(waveform)
-        return tf.math.real(spec) ** 2 + tf.math.imag(spec) ** 2
+        return power(stft(waveform))
     edges = np.ones(fft_length // 2 + 1, np.float32)
     edges[0] = edges[-1] = 2.0
     # The periodic Hann window times N, zero beyond the frame: the backward pass windows and
     # overlap-adds the inverse FFTs in hop-sized pieces (see _overlap_add).
     scaled_window = np.zeros(-(-frame_length // frame_step) * frame_step, np.float32)
-    scaled_window[:frame_length] = fft_length * (
-        0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(frame_length) / frame_length))
+    scaled_window[:frame_length] = fft_length * hann
 
     @tf.custom_gradient
-    def power(x):
+    def with_gradient(x):
         spec = stft(x)
 
         def grad(g):
@@ -228,9 +273,9 @@ def power_spectrum(waveform: tf.Tensor, frame_length: int, frame_step: int,
             frames = tf.signal.irfft(z, [fft_length])
             return _overlap_add(frames, scaled_window, frame_step, tf.shape(x)[-1])
 
-        return tf.math.real(spec) ** 2 + tf.math.imag(spec) ** 2, grad
+        return power(spec), grad
 
-    return power(waveform)
+    return with_gradient(waveform)
 
 
 def _overlap_add(frames: tf.Tensor, window: np.ndarray, frame_step: int,
@@ -261,7 +306,8 @@ def _overlap_add(frames: tf.Tensor, window: np.ndarray, frame_step: int,
 class LogMelFrontend(keras.layers.Layer):
     """Waveform ``[batch, samples]`` -> log-mel or MFCC features ``[batch, frames, bins, C]``.
 
-    STFT with a periodic Hann window (``tf.signal.stft``, frames not centred: frame ``t``
+    STFT with a periodic Hann window (:func:`frame_signal` and ``tf.signal.rfft``: the
+    frames of ``tf.signal.stft`` in fewer graph nodes, not centred: frame ``t``
     covers samples ``[t * hop, t * hop + win)``), power spectrum (:func:`power_spectrum`,
     whose gradient is written out for fast waveform attacks), mel filterbank, natural log
     with an additive floor, optionally a DCT to MFCCs, optionally delta and delta-delta as
@@ -328,8 +374,10 @@ class LogMelFrontend(keras.layers.Layer):
 
     def call(self, waveform: tf.Tensor) -> tf.Tensor:
         waveform = tf.convert_to_tensor(waveform, tf.float32)
-        short = tf.maximum(0, self.frame_length - tf.shape(waveform)[-1])
-        waveform = tf.pad(waveform, [[0, 0], [0, short]])
+        samples = waveform.shape[-1]
+        if samples is None or samples < self.frame_length:  # pad short clips to one frame
+            short = tf.maximum(0, self.frame_length - tf.shape(waveform)[-1])
+            waveform = tf.pad(waveform, [[0, 0], [0, short]])
         power = power_spectrum(waveform, self.frame_length, self.frame_step, self.fft_length)
         feats = tf.math.log(blocked_matmul(power, self._mel, self._mel_blocks) + self.log_floor)
         if self._dct is not None:
@@ -337,7 +385,7 @@ class LogMelFrontend(keras.layers.Layer):
         if self.use_deltas:
             d1 = deltas(feats)
             return tf.stack([feats, d1, deltas(d1)], axis=-1)
-        return feats[..., None]
+        return tf.expand_dims(feats, -1)
 
     def compute_output_shape(self, input_shape):
         n = input_shape[-1]

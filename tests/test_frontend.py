@@ -9,8 +9,8 @@ import tensorflow as tf
 
 from ser_tf.frontend import (MAX_BLOCK_WEIGHTS, FeatureNormalization, InputNoise,
                              LogMelFrontend, SpecAugment, automatic_gradients, blocked_matmul,
-                             dct_matrix, deltas, mel_filterbank, power_spectrum,
-                             projection_blocks)
+                             dct_matrix, deltas, frame_signal, mel_filterbank,
+                             power_spectrum, projection_blocks)
 from ser_tf.models.layers import ChunkEncoder
 
 
@@ -86,6 +86,28 @@ def test_deltas_match_htk_formula():
     np.testing.assert_allclose(deltas(tf.constant(c)).numpy(), ref, atol=1e-6)
     out = LogMelFrontend(16000, n_mels=20, use_deltas=True)(np.zeros((1, 4000), np.float32))
     assert out.shape[-1] == 3
+
+
+@pytest.mark.parametrize("frame_length, frame_step, samples", [
+    (400, 160, 16037),  # subframes of 80; the length not a whole number of them
+    (400, 160, 16000),  # a whole number of subframes
+    (400, 160, 400),    # exactly one frame
+    (256, 128, 1000),   # frame = two hops
+    (401, 160, 5000),   # coprime: subframes of one sample
+    (300, 310, 2000),   # hops longer than the frame
+])
+def test_frame_signal_is_tf_signal_frame(frame_length, frame_step, samples):
+    x = np.random.default_rng(5).standard_normal((3, samples)).astype(np.float32)
+    want = tf.signal.frame(x, frame_length, frame_step).numpy()
+    # Static length (what a fixed-length export traces) and unknown lengths (a tf.data map).
+    static = frame_signal(tf.constant(x), frame_length, frame_step)
+    assert static.shape == want.shape
+    np.testing.assert_array_equal(static.numpy(), want)
+    dynamic = tf.function(lambda v: frame_signal(v, frame_length, frame_step),
+                          input_signature=[tf.TensorSpec([None, None], tf.float32)])
+    assert dynamic.get_concrete_function().structured_outputs.shape.as_list() == [
+        None, None, frame_length]
+    np.testing.assert_array_equal(dynamic(x).numpy(), want)
 
 
 def test_frontend_handles_short_input_and_is_differentiable():
