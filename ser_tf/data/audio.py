@@ -198,7 +198,10 @@ def _checked(wave: tf.Tensor, checks: list[tuple[tf.Tensor, str]]) -> tf.Tensor:
     copy): a data dependency, since a control dependency on a stateless op is pruned from
     tf.data's optimised functions and the check would never run.
     """
-    return wave[_fail_on_first(checks):]
+    start = _fail_on_first(checks)
+    # tf.slice with a 1-element start: fewer graph nodes than ``wave[start:]`` (which packs
+    # begin, end and strides), and nodes count again in every tf.data iterator's start-up.
+    return tf.slice(wave, tf.reshape(start, [1]), [-1])
 
 
 # What the WAV header checks say, alike from the in-graph parser and the Python reader.
@@ -686,7 +689,10 @@ def decode_wav(path: tf.Tensor, sample_format: str,
             contents, functools.partial(_is_wav_format, sample_format=sample_format),
             f"WAV sample format differs from the one probed ({sample_format})")
     else:
-        layout = WavLayout(*(tf.cast(v, tf.int32) for v in layout))
+        layout = WavLayout(*layout)
+        layout = layout._replace(**{  # only the fields the decoder reads
+            f: tf.cast(getattr(layout, f), tf.int32)
+            for f in ("channels", "bits", "data_offset", "data_size")})
         fits = layout.data_offset + layout.data_size <= tf.strings.length(contents)
         # The check's 0 joins the offset: the samples are read only once it has passed.
         offset = layout.data_offset + _fail_unless(fits, (
