@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import tensorflow as tf
 from conftest import sine, write_wav, write_wav_encoded
 from ser_tf.data.audio import AudioConfig, read_audio_header
 from ser_tf.data.corpora import Utterance
+from ser_tf.frontend import LogMelFrontend
 from ser_tf.data.pipeline import (AugmentConfig, BadAudioError, DecodeGroup, augment_waveform,
                                   batch_windows, decode_corpus, decoding_dataset,
                                   error_reason, evaluation_dataset, fit_length,
@@ -131,6 +133,40 @@ def test_decode_corpus_decodes_every_format_in_order(mixed_files):
             order.append(int(i))
             np.testing.assert_array_equal(wave.numpy(), got[int(i)])
         assert order == [1, 5, 3, 0, 7, 4, 6, 2]
+    # The decoding pass ran with the single-pass options on a wrapper; the corpus's own
+    # dataset, on which training pipelines are built, keeps tf.data's defaults and is
+    # served from the cache that pass filled: the files are no longer needed.
+    assert corpus.dataset.options().autotune.enabled is None
+    for path in paths:
+        os.remove(path)
+    assert sorted(int(i) for i, _ in corpus.dataset) == list(range(len(paths)))
+
+
+def test_decoding_dataset_applies_a_transform_in_its_map_and_drops_files_it_fails(
+        mixed_files):
+    paths, freqs = mixed_files
+    groups = group_by_header(paths)
+    waves = {int(i): w.numpy() for i, w in decoding_dataset(paths, groups, CFG)}
+    frontend = LogMelFrontend(16000, n_mels=16)
+
+    def log_mel(wave):
+        return frontend(wave[None])[0]
+
+    got = {int(i): f.numpy() for i, f in decoding_dataset(paths, groups, CFG, log_mel)}
+    assert sorted(got) == sorted(waves)
+    for i, wave in waves.items():
+        np.testing.assert_allclose(got[i], log_mel(tf.constant(wave)).numpy(), rtol=1e-5,
+                                   atol=1e-5)
+
+    # A file whose transform fails is left out like a file that fails to decode: here the
+    # tones above 550 Hz (the spectrum's peak; half a second at 16 kHz, so 2 Hz per bin).
+    def low_tones_only(wave):
+        peak_hz = 2 * tf.argmax(tf.abs(tf.signal.rfft(wave)), output_type=tf.int32)
+        tf.debugging.assert_less(peak_hz, 550, message="tone too high")
+        return peak_hz
+
+    kept = {int(i) for i, _ in decoding_dataset(paths, groups, CFG, low_tones_only)}
+    assert kept == {k for k, freq in enumerate(freqs) if freq < 550}
 
 
 def test_bad_policy_and_empty_input_rejected(tmp_path):
