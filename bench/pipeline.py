@@ -3,23 +3,27 @@
 The work, per file: decode, resample to 16 kHz, 64-band log-mel spectrogram (25 ms
 window, 10 ms hop). The contenders:
 
-* ``ser_tf``: what ``decode_corpus`` runs, minus its ``Dataset.cache``: each file's header
-  is read in Python (``group_by_header``: sample rate, WAV sample format and where the
-  samples are, a few bytes per file), then ``decoding_dataset(paths, groups,
-  AudioConfig(16000, trim_db=None, normalize="none"))``: per group of alike files a
-  ``tf.data.Dataset`` of paths and layouts -> ``map(load_waveform(path, config, rate=r,
-  wav_format=f, wav_layout=l), AUTOTUNE)`` (the WAV decoder for that sample format alone,
-  reading the samples where the header said, and a resampler built for that rate; the
-  format-sniffing decoder for other containers) -> ``ignore_errors``, the groups
-  concatenated; then ``map(LogMelFrontend on each waveform, AUTOTUNE)`` -> ``prefetch``.
-  The header reading is timed in every pass;
+* ``ser_tf``: what ``decode_corpus`` runs, minus its ``Dataset.cache``, with the log-mel
+  spectrogram computed in the decoding's own map function: each file's header is read in
+  Python (``group_by_header``: sample rate, WAV sample format and where the samples are,
+  a few bytes per file), then ``decoding_dataset(paths, groups, AudioConfig(16000,
+  trim_db=None, normalize="none"), transform=log-mel)``: per group of alike files a
+  ``tf.data.Dataset`` of paths and layouts -> ``map(log-mel of load_waveform(path,
+  config, rate=r, wav_format=f, wav_layout=l), AUTOTUNE)`` (the WAV decoder for that
+  sample format alone, reading the samples where the header said, and a resampler built
+  for that rate; the format-sniffing decoder for other containers) -> ``ignore_errors``,
+  the groups concatenated -> the features without their index -> ``prefetch``, iterated
+  with ``single_pass_options()`` (as ``decode_corpus`` iterates). The header reading is
+  timed in every pass;
 * ``ser_tf run-time dispatch``: ``load_waveform(path, config)``, which sniffs the format
   and finds the rate per file in-graph and dispatches over the common rates (what a
-  one-off file gets; no header reading in Python), then the same log-mel map;
+  one-off file gets; no header reading in Python), with the log-mel in the same map, the
+  same parallelism and options;
 * ``tfio resample``: the dispatch pipeline with ``tfio.audio.resample`` in place of the
   ser_tf resampler (what a user of tensorflow-io alone gets);
-* ``plain tfio (reference)``, at 16 kHz only: ``tfio.audio.decode_wav`` + the same log-mel
-  map, with none of ser_tf's checks (the plain tfio pipeline the issue quotes);
+* ``plain tfio (reference)``, at 16 kHz only: ``map(tfio.audio.decode_wav)`` then
+  ``map(log-mel)``, tf.data's default options, none of ser_tf's checks (the plain tfio
+  pipeline the issue quotes);
 * ``librosa``: ``librosa.load(path, sr=16000, res_type="soxr_hq")`` +
   ``librosa.feature.melspectrogram`` + log in a plain Python loop (what a user writes).
 
@@ -33,8 +37,8 @@ creation of the iterator to the last feature matrix in Python's hands (each elem
 fetched by a ``for`` loop, as a user's loop or a custom training loop would). The pass is
 a first pass in the sense that nothing is cached between files or passes by the pipeline
 (no ``Dataset.cache``); the files themselves are in the OS page cache for every
-contender, because an untimed warm-up pass of each runs first (it also absorbs tf.data
-autotuning and librosa's lazy imports). Building the datasets (tracing the map functions)
+contender, because an untimed warm-up pass of each runs first (it also absorbs
+librosa's lazy imports). Building the datasets (tracing the map functions)
 is timed separately. Passes of the contenders are interleaved round-robin, in a rotating
 order, and medians are reported, so a busy spell on the shared machine hits all of them.
 
@@ -67,7 +71,8 @@ import tensorflow as tf  # noqa: E402
 from bench.resample_quality import EMODB_WAV_DIR, make_resampled_copies, quality_report  # noqa: E402,E501
 from ser_tf.data.audio import (AudioConfig, WavLayout, decode_audio, decode_wav,  # noqa: E402
                                load_waveform, read_audio_header, to_mono)
-from ser_tf.data.pipeline import DecodeGroup, decoding_dataset, group_by_header  # noqa: E402
+from ser_tf.data.pipeline import (DecodeGroup, decoding_dataset, group_by_header,  # noqa: E402,E501
+                                  decode_parallelism, single_pass_options)
 from ser_tf.frontend import LogMelFrontend  # noqa: E402
 
 TARGET_RATE = 16000
@@ -147,17 +152,22 @@ def _frontend() -> LogMelFrontend:
                           log_floor=LOG_FLOOR)
 
 
-def _with_log_mel(ds: tf.data.Dataset, frontend: LogMelFrontend) -> tf.data.Dataset:
+def _log_mel_of(frontend: LogMelFrontend) -> Callable[[tf.Tensor], tf.Tensor]:
     # The frontend is a batch layer; each waveform is a batch of one.
-    return ds.map(lambda wave: frontend(wave[None])[0], num_parallel_calls=AUTOTUNE)
+    return lambda wave: frontend(wave[None])[0]
 
 
 def _config() -> AudioConfig:
     return AudioConfig(sample_rate=TARGET_RATE, trim_db=None, normalize="none")
 
 
+def _one_pass(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """A ser_tf contender's dataset as ser_tf runs a pass over files."""
+    return ds.prefetch(AUTOTUNE).with_options(single_pass_options())
+
+
 def ser_tf_dataset(paths: Sequence[str], groups: Sequence[DecodeGroup]) -> tf.data.Dataset:
-    """The ser_tf pipeline as ``decode_corpus`` runs it, uncached, plus log-mel per file.
+    """The ser_tf pipeline as ``decode_corpus`` runs it, uncached, with log-mel per file.
 
     Args:
       paths: the files.
@@ -166,17 +176,25 @@ def ser_tf_dataset(paths: Sequence[str], groups: Sequence[DecodeGroup]) -> tf.da
     Returns:
       A dataset of log-mel ``[frames, 64, 1]``, one per file.
     """
-    decoded = decoding_dataset(paths, groups, _config()).map(lambda index, wave: wave)
-    return _with_log_mel(decoded, _frontend()).prefetch(AUTOTUNE)
+    ds = decoding_dataset(paths, groups, _config(), transform=_log_mel_of(_frontend()))
+    # The features alone, like every other contender's elements: a tuple costs the Python
+    # loop taking it 0.1-0.15 ms more per element (tf.data's nesting of the structure).
+    return _one_pass(ds.map(lambda index, features: features))
+
+
+def _dispatch_dataset(paths: Sequence[str],
+                      load: Callable[[tf.Tensor], tf.Tensor]) -> tf.data.Dataset:
+    log_mel = _log_mel_of(_frontend())
+    ds = tf.data.Dataset.from_tensor_slices(list(paths))
+    return _one_pass(ds.map(lambda path: log_mel(load(path)),
+                            num_parallel_calls=decode_parallelism()))
 
 
 def ser_tf_dispatch_dataset(paths: Sequence[str]) -> tf.data.Dataset:
     """ser_tf with the rate found per file at run time (``load_waveform(path, config)``:
     an in-graph dispatch over the common rates; what a one-off file gets)."""
     config = _config()
-    ds = tf.data.Dataset.from_tensor_slices(list(paths))
-    ds = ds.map(lambda path: load_waveform(path, config), num_parallel_calls=AUTOTUNE)
-    return _with_log_mel(ds, _frontend()).prefetch(AUTOTUNE)
+    return _dispatch_dataset(paths, lambda path: load_waveform(path, config))
 
 
 def _tfio_load(path: tf.Tensor) -> tf.Tensor:
@@ -191,16 +209,15 @@ def _tfio_load(path: tf.Tensor) -> tf.Tensor:
 
 
 def tfio_dataset(paths: Sequence[str]) -> tf.data.Dataset:
-    """The same pipeline with ``tfio.audio.resample`` as the resampler."""
-    ds = tf.data.Dataset.from_tensor_slices(list(paths)).map(_tfio_load,
-                                                             num_parallel_calls=AUTOTUNE)
-    return _with_log_mel(ds, _frontend()).prefetch(AUTOTUNE)
+    """The run-time dispatch pipeline with ``tfio.audio.resample`` as the resampler."""
+    return _dispatch_dataset(paths, _tfio_load)
 
 
 def tfio_plain_dataset(paths: Sequence[str]) -> tf.data.Dataset:
     """The plain tensorflow-io pipeline for files already at 16 kHz: ``tfio.audio.decode_wav``
-    (int16) -> float mono, no checks, no conditioning, then the same log-mel map. The
-    reference the issue quotes (about 3x librosa on the machine it was measured on)."""
+    (int16) -> float mono, no checks, no conditioning, then the same log-mel in a second
+    ``map``, tf.data's default options. The reference the issue quotes (about 3x librosa on
+    the machine it was measured on)."""
     import tensorflow_io as tfio
 
     def load(path):
@@ -208,7 +225,7 @@ def tfio_plain_dataset(paths: Sequence[str]) -> tf.data.Dataset:
         return tf.reduce_mean(tf.cast(audio, tf.float32) / 32768.0, axis=-1)
 
     ds = tf.data.Dataset.from_tensor_slices(list(paths)).map(load, num_parallel_calls=AUTOTUNE)
-    return _with_log_mel(ds, _frontend()).prefetch(AUTOTUNE)
+    return ds.map(_log_mel_of(_frontend()), num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
 
 def librosa_features(paths: Sequence[str], features: bool = True) -> int:
@@ -279,7 +296,7 @@ def _stage_datasets(paths: Sequence[str], rate: int) -> dict[str, tf.data.Datase
     source = tf.data.Dataset.from_tensor_slices(list(paths))
 
     def mapped(fn) -> tf.data.Dataset:
-        return source.map(fn, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+        return _one_pass(source.map(fn, num_parallel_calls=decode_parallelism()))
 
     def raw_decode(path):
         # The floor: tfio's WAV decoder alone, samples left as int16.
@@ -291,11 +308,11 @@ def _stage_datasets(paths: Sequence[str], rate: int) -> dict[str, tf.data.Datase
     with_layouts = tf.data.Dataset.from_tensor_slices((list(paths),) + tuple(layouts.T))
     return {
         "read + tfio decode_wav, int16 (floor)": mapped(raw_decode),
-        "decode_wav (float32, format and layout from the header)": with_layouts.map(
-            lambda p, *known: decode_wav(p, "pcm16", WavLayout(*known)),
-            num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE),
-        "load_waveform, rate, format and layout known (= decoding_dataset)": (
-            decoding_dataset(paths, groups, config).prefetch(AUTOTUNE)),
+        "decode_wav (float32, format and layout from the header)": _one_pass(
+            with_layouts.map(lambda p, *known: decode_wav(p, "pcm16", WavLayout(*known)),
+                             num_parallel_calls=decode_parallelism())),
+        "load_waveform, rate, format and layout known (= decoding_dataset)": _one_pass(
+            decoding_dataset(paths, groups, config).map(lambda index, wave: wave)),
         "+ log-mel (= ser_tf without the header reading)": ser_tf_dataset(paths, groups),
         "decode_wav, header parsed in-graph (format from the header)": mapped(
             lambda p: decode_wav(p, "pcm16")),
@@ -337,17 +354,26 @@ def map_function_graphs(rate: int = 48000) -> dict[str, dict[str, float]]:
             p, config, rate=rate, wav_format="pcm16"),
         f"load_waveform(rate={rate})": lambda p, *_: load_waveform(p, config, rate=rate),
         "load_waveform (run-time rate dispatch)": lambda p, *_: load_waveform(p, config),
+        f'log-mel of load_waveform(rate={rate}, wav_format="pcm16", wav_layout) (ser_tf '
+        'with its transform)': lambda p, *known: log_mel(load_waveform(
+            p, config, rate=rate, wav_format="pcm16", wav_layout=WavLayout(*known))),
+        "log-mel alone (of a waveform)": None,
     }
+    log_mel = _log_mel_of(_frontend())
     specs = [tf.TensorSpec([], tf.string)] + [tf.TensorSpec([], tf.int64)] * (len(args) - 1)
     out = {}
     for name, fn in candidates.items():
-        concrete = tf.function(fn, autograph=False).get_concrete_function(*specs)
+        fn_args, fn_specs = args, specs
+        if fn is None:  # the frontend alone, on the file's waveform
+            fn, fn_args = log_mel, [load_waveform(args[0], config)]
+            fn_specs = [tf.TensorSpec([None], tf.float32)]
+        concrete = tf.function(fn, autograph=False).get_concrete_function(*fn_specs)
         graph = concrete.graph.as_graph_def()
         start = time.perf_counter()
-        concrete(*args)
+        concrete(*fn_args)
         first = time.perf_counter() - start
         start = time.perf_counter()
-        concrete(*args)
+        concrete(*fn_args)
         out[name] = {"functions": len(graph.library.function),
                      "nodes": len(graph.node) + sum(len(f.node_def)
                                                     for f in graph.library.function),
@@ -540,19 +566,23 @@ def to_markdown(report: dict) -> str:
         "What runs: decode + resample to 16 kHz + 64-mel log spectrogram (25 ms / 10 ms), "
         "per file. **ser_tf** (what `decode_corpus` runs, without its `Dataset.cache`): "
         "`group_by_header` reads each file's header in Python (sample rate, WAV sample "
-        "format and where the samples are), then `decoding_dataset`: per group of alike "
-        "files `tf.data` of paths and layouts -> `map(load_waveform(path, config, rate=r, "
-        "wav_format=f, wav_layout=l), AUTOTUNE)` (AudioConfig 16 kHz, no trimming, no "
-        "normalisation; the WAV decoder for that sample format alone, reading the samples "
-        "where the header said, and a resampler built for that rate) -> `ignore_errors`, groups "
-        "concatenated -> `map(LogMelFrontend on each waveform, AUTOTUNE)` -> `prefetch`; "
-        "the header reading is timed in every pass. **ser_tf run-time dispatch**: "
+        "format and where the samples are), then `decoding_dataset(..., transform=log-mel)`: "
+        "per group of alike files `tf.data` of paths and layouts -> one "
+        "`map(LogMelFrontend(load_waveform(path, config, rate=r, wav_format=f, "
+        "wav_layout=l)), AUTOTUNE)` (AudioConfig 16 kHz, no trimming, no normalisation; "
+        "the WAV decoder for that sample format alone, reading the samples where the "
+        "header said, and a resampler built for that rate; two calls per core) -> "
+        "`ignore_errors`, groups concatenated -> features without their index -> "
+        "`prefetch`, with `single_pass_options()` (tf.data's autotuner off, ops "
+        "single-threaded: how ser_tf runs a pass over files); the header reading is timed "
+        "in every pass. **ser_tf run-time dispatch**: "
         "`load_waveform(path, config)` sniffing the format and finding the rate in-graph "
-        "(no header reading in Python), same log-mel map. **tfio resample**: that with "
-        "`tfio.audio.resample`. **plain tfio (reference)**, 16 kHz only: "
-        "`tfio.audio.decode_wav` + the same log-mel map, none of ser_tf's checks (the plain "
-        "tfio pipeline the issue quotes at about 3x librosa on the machine it was measured "
-        "on). **librosa**: `librosa.load(sr=16000, res_type='soxr_hq')` "
+        "(no header reading in Python), log-mel in the same map, same options. **tfio "
+        "resample**: that with `tfio.audio.resample`. **plain tfio (reference)**, 16 kHz "
+        "only: `map(tfio.audio.decode_wav)` -> `map(log-mel)` -> `prefetch` with tf.data's "
+        "defaults and none of ser_tf's checks (the plain tfio pipeline the issue quotes at "
+        "about 3x librosa on the machine it was measured on). **librosa**: "
+        "`librosa.load(sr=16000, res_type='soxr_hq')` "
         "+ `melspectrogram(n_fft=512, win_length=400, hop_length=160, n_mels=64)` + log in "
         "a Python loop. Every contender computes each file's log-mel on its own (log-mel "
         "on padded or packed batches of waveforms was measured: no less CPU per file).",
@@ -628,7 +658,8 @@ def to_markdown(report: dict) -> str:
     graphs = report.get("graphs")
     if graphs:
         lines += [
-            "", f"Map-function graphs (traced as `tf.function` of a path; first call = "
+            "", f"Map-function graphs (traced as `tf.function` of a path, or of the waveform "
+            "for the log-mel alone; first call = "
             f"instantiation + one {report['graphs_rate'] / 1000:g} kHz file, paid again by "
             "each new tf.data iterator):", "",
             "| function | nested functions | nodes | GraphDef MB | first call s "
