@@ -9,9 +9,10 @@ window, 10 ms hop). The contenders:
   a few bytes per file), then ``decoding_dataset(paths, groups, AudioConfig(16000,
   trim_db=None, normalize="none"), transform=log-mel)``: per group of alike files a
   ``tf.data.Dataset`` of paths and layouts -> ``map(log-mel of load_waveform(path,
-  config, rate=r, wav_format=f, wav_layout=l), AUTOTUNE)`` (the WAV decoder for that
-  sample format alone, reading the samples where the header said, and a resampler built
-  for that rate; the format-sniffing decoder for other containers) -> ``ignore_errors``,
+  config, rate=r, wav_format=f, wav_layout=l), decode_parallelism())`` (two calls per
+  core; the WAV decoder for that sample format alone, reading the samples where the
+  header said, and a resampler built for that rate; the format-sniffing decoder for
+  other containers) -> ``ignore_errors``,
   the groups concatenated -> the features without their index -> ``prefetch``, iterated
   with ``single_pass_options()`` (as ``decode_corpus`` iterates). The header reading is
   timed in every pass;
@@ -569,9 +570,9 @@ def to_markdown(report: dict) -> str:
         "format and where the samples are), then `decoding_dataset(..., transform=log-mel)`: "
         "per group of alike files `tf.data` of paths and layouts -> one "
         "`map(LogMelFrontend(load_waveform(path, config, rate=r, wav_format=f, "
-        "wav_layout=l)), AUTOTUNE)` (AudioConfig 16 kHz, no trimming, no normalisation; "
-        "the WAV decoder for that sample format alone, reading the samples where the "
-        "header said, and a resampler built for that rate; two calls per core) -> "
+        "wav_layout=l)), two calls per core)` (AudioConfig 16 kHz, no trimming, no "
+        "normalisation; the WAV decoder for that sample format alone, reading the samples "
+        "where the header said, and a resampler built for that rate) -> "
         "`ignore_errors`, groups concatenated -> features without their index -> "
         "`prefetch`, with `single_pass_options()` (tf.data's autotuner off, ops "
         "single-threaded: how ser_tf runs a pass over files); the header reading is timed "
