@@ -206,7 +206,9 @@ def frame_signal(signal: tf.Tensor, frame_length: int, frame_step: int) -> tf.Te
     for on every pass: each new iterator instantiates its map functions again, running
     Grappler over every node. With a static length every shape is a Python int, so a
     fixed-length export (TFLite) gets constant shapes and gather indices, and no slice
-    unless the length is not a whole number of subframes.
+    unless the length is not a whole number of subframes. Frames that neither overlap nor
+    leave gaps (``frame_length == frame_step``) are the subframes themselves: no gather, and
+    the gradient is a reshape.
     """
     sub = math.gcd(frame_length, frame_step)
     per_frame, per_hop = frame_length // sub, frame_step // sub
@@ -214,8 +216,11 @@ def frame_signal(signal: tf.Tensor, frame_length: int, frame_step: int) -> tf.Te
     if samples is not None:
         count = 1 + (samples - frame_length) // frame_step
         if samples % sub:
-            signal = signal[:, :samples - samples % sub]
+            # tf.slice, not a strided slice: its gradient (a pad) costs half as much.
+            signal = tf.slice(signal, [0, 0], [-1, samples - samples % sub])
         subframes = tf.reshape(signal, [-1, samples // sub, sub])
+        if frame_length == frame_step:
+            return subframes
         index = np.arange(count)[:, None] * per_hop + np.arange(per_frame)
         return tf.reshape(tf.gather(subframes, index.astype(np.int32), axis=1),
                           [-1, count, frame_length])
@@ -224,11 +229,40 @@ def frame_signal(signal: tf.Tensor, frame_length: int, frame_step: int) -> tf.Te
     whole = length // sub
     subframes = tf.reshape(tf.slice(signal, [0, 0], tf.stack([-1, whole * sub])),
                            tf.stack([batch, whole, sub]))
+    if frame_length == frame_step:
+        subframes.set_shape([signal.shape[0], None, frame_length])
+        return subframes
     index = tf.range(count)[:, None] * per_hop + np.arange(per_frame, dtype=np.int32)
     frames = tf.reshape(tf.gather(subframes, index, axis=1),
                         tf.stack([batch, count, frame_length]))
     frames.set_shape([signal.shape[0], None, frame_length])
     return frames
+
+
+def frame_time(features: tf.Tensor, frame_length: int, frame_step: int) -> tf.Tensor:
+    """``[batch, time, ...]`` -> ``[batch, frames, frame_length, ...]``: the frames of
+    ``tf.signal.frame(features, frame_length, frame_step, axis=1)`` (at least one frame
+    long; the trailing dimensions known).
+
+    A frame of ``frame_length`` time steps is ``frame_length * D`` contiguous values of the
+    features flattened to ``[batch, time * D]`` (``D`` the product of the trailing
+    dimensions), so this is :func:`frame_signal` on that flat signal. Its gradient is a
+    gather's (or, for frames that neither overlap nor leave gaps, a reshape), where
+    ``tf.signal.frame``'s is a strided-slice gradient that cost a CNN-LSTM's
+    forward-and-backward pass about 6% of its time.
+    """
+    trailing = features.shape[2:].as_list()
+    if any(d is None for d in trailing):
+        raise ValueError(f"frame_time needs known trailing dimensions, got {features.shape}")
+    depth = int(np.prod(trailing, dtype=np.int64))
+    time = features.shape[1]
+    flat = tf.reshape(features, [-1, time * depth] if time is not None
+                      else tf.stack([tf.shape(features)[0], -1]))
+    frames = frame_signal(flat, frame_length * depth, frame_step * depth)
+    if time is not None:
+        return tf.reshape(frames, [-1, 1 + (time - frame_length) // frame_step, frame_length]
+                          + trailing)
+    return tf.reshape(frames, [tf.shape(frames)[0], -1, frame_length] + trailing)
 
 
 def power_spectrum(waveform: tf.Tensor, frame_length: int, frame_step: int,

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from ser_tf.frontend import (MAX_BLOCK_WEIGHTS, FeatureNormalization, InputNoise,
                              LogMelFrontend, SpecAugment, automatic_gradients, blocked_matmul,
-                             dct_matrix, deltas, frame_signal, mel_filterbank,
+                             dct_matrix, deltas, frame_signal, frame_time, mel_filterbank,
                              power_spectrum, projection_blocks)
 from ser_tf.models.layers import ChunkEncoder
 
@@ -95,6 +95,7 @@ def test_deltas_match_htk_formula():
     (256, 128, 1000),   # frame = two hops
     (401, 160, 5000),   # coprime: subframes of one sample
     (300, 310, 2000),   # hops longer than the frame
+    (320, 320, 1000),   # frames side by side: the subframes themselves
 ])
 def test_frame_signal_is_tf_signal_frame(frame_length, frame_step, samples):
     x = np.random.default_rng(5).standard_normal((3, samples)).astype(np.float32)
@@ -108,6 +109,41 @@ def test_frame_signal_is_tf_signal_frame(frame_length, frame_step, samples):
     assert dynamic.get_concrete_function().structured_outputs.shape.as_list() == [
         None, None, frame_length]
     np.testing.assert_array_equal(dynamic(x).numpy(), want)
+
+
+@pytest.mark.parametrize("frame_length, frame_step, time", [
+    (32, 16, 198),  # the default CNN-LSTM's chunks: half-overlapping
+    (32, 32, 198),  # side by side, the time not a whole number of chunks
+    (10, 4, 10),    # exactly one chunk
+    (8, 12, 50),    # gaps between chunks
+])
+def test_frame_time_is_tf_signal_frame_on_axis_1_and_so_is_its_gradient(frame_length,
+                                                                       frame_step, time):
+    x = tf.constant(np.random.default_rng(6).standard_normal((2, time, 5, 3)), tf.float32)
+    want = tf.signal.frame(x, frame_length, frame_step, axis=1)
+    weights = tf.constant(np.random.default_rng(7).standard_normal(want.shape), tf.float32)
+
+    def value_and_gradient(frame, v):
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            frames = frame(v)
+            loss = tf.reduce_sum(frames * weights)
+        return frames, tape.gradient(loss, v)
+
+    want, want_grad = value_and_gradient(
+        lambda v: tf.signal.frame(v, frame_length, frame_step, axis=1), x)
+    ours = lambda v: frame_time(v, frame_length, frame_step)  # noqa: E731
+    static, static_grad = value_and_gradient(ours, x)
+    assert static.shape == want.shape
+    np.testing.assert_array_equal(static.numpy(), want.numpy())
+    np.testing.assert_allclose(static_grad.numpy(), want_grad.numpy(), atol=1e-5)
+    dynamic = tf.function(lambda v: value_and_gradient(ours, v),
+                          input_signature=[tf.TensorSpec([None, None, 5, 3], tf.float32)])
+    assert dynamic.get_concrete_function().structured_outputs[0].shape.as_list() == [
+        None, None, frame_length, 5, 3]
+    frames, grad = dynamic(x)
+    np.testing.assert_array_equal(frames.numpy(), want.numpy())
+    np.testing.assert_allclose(grad.numpy(), want_grad.numpy(), atol=1e-5)
 
 
 def test_frontend_handles_short_input_and_is_differentiable():

@@ -8,7 +8,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from ser_tf.frontend import dct_matrix, deltas, written_gradients
+from ser_tf.frontend import dct_matrix, deltas, frame_time, written_gradients
 
 # Input channels up to which a stride-1 "same" conv's input gradient is computed as a
 # depthwise conv (see conv2d_same): on a 1-channel spectrogram that takes 0.35-0.6x the time
@@ -172,13 +172,17 @@ class ChunkEncoder(keras.layers.Layer):
         return 1 + tf.maximum(0, frames - self.chunk_frames) // self.hop_frames
 
     def call(self, features: tf.Tensor, training: bool | None = None) -> tf.Tensor:
-        shape = tf.shape(features)
-        short = tf.maximum(0, self.chunk_frames - shape[1])
-        features = tf.pad(features, [[0, 0], [0, short], [0, 0], [0, 0]])
-        chunks = tf.signal.frame(features, self.chunk_frames, self.hop_frames, axis=1)
-        n = tf.shape(chunks)[1]
-        flat = tf.reshape(chunks, tf.concat([[-1, self.chunk_frames], shape[2:]], 0))
-        flat.set_shape([None, self.chunk_frames] + list(features.shape[2:]))
+        frames = features.shape[1]
+        if frames is None:
+            short = tf.maximum(0, self.chunk_frames - tf.shape(features)[1])
+            features = tf.pad(features, [[0, 0], [0, short], [0, 0], [0, 0]])
+        elif frames < self.chunk_frames:
+            features = tf.pad(features, [[0, 0], [0, self.chunk_frames - frames], [0, 0],
+                                         [0, 0]])
+        chunks = frame_time(features, self.chunk_frames, self.hop_frames)
+        shape = tf.shape(chunks)
+        n = shape[1]
+        flat = tf.reshape(chunks, [-1, self.chunk_frames] + features.shape[2:].as_list())
         if training or not _fold_batchnorm:
             encoded = self.encoder(flat, training=training)
         else:
