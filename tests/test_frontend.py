@@ -117,8 +117,8 @@ def test_frame_signal_is_tf_signal_frame(frame_length, frame_step, samples):
     (10, 4, 10),    # exactly one chunk
     (8, 12, 50),    # gaps between chunks
 ])
-def test_frame_time_is_tf_signal_frame_on_axis_1_and_so_is_its_gradient(frame_length,
-                                                                       frame_step, time):
+def test_frame_time_is_tf_signal_frame_on_axis_1_and_so_is_its_gradient(
+        frame_length, frame_step, time):
     x = tf.constant(np.random.default_rng(6).standard_normal((2, time, 5, 3)), tf.float32)
     want = tf.signal.frame(x, frame_length, frame_step, axis=1)
     weights = tf.constant(np.random.default_rng(7).standard_normal(want.shape), tf.float32)
