@@ -129,8 +129,9 @@ class ChunkEncoder(keras.layers.Layer):
     ``[batch, frames, bins, C]`` -> ``[batch, chunks, units]``. This is the
     TimeDistributed conv stage of the CNN-LSTM SER models, done as one batched conv over
     ``batch * chunks`` images (a reshape, not a per-step loop, so it is fast and exports to
-    TFLite built-ins). Inputs shorter than one chunk are zero-padded to one chunk. At
-    inference the conv stack runs with its BatchNorms folded into the convs
+    TFLite built-ins; the chunks are cut by :func:`ser_tf.frontend.frame_time`, whose
+    gradient is a gather or a reshape). Inputs shorter than one chunk are zero-padded to
+    one chunk. At inference the conv stack runs with its BatchNorms folded into the convs
     (:func:`folded_stack`), the first conv's input gradient written out (:func:`conv2d_same`).
 
     Args:
