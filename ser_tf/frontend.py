@@ -259,10 +259,9 @@ def frame_time(features: tf.Tensor, frame_length: int, frame_step: int) -> tf.Te
     flat = tf.reshape(features, [-1, time * depth] if time is not None
                       else tf.stack([tf.shape(features)[0], -1]))
     frames = frame_signal(flat, frame_length * depth, frame_step * depth)
-    if time is not None:
-        return tf.reshape(frames, [-1, 1 + (time - frame_length) // frame_step, frame_length]
-                          + trailing)
-    return tf.reshape(frames, [tf.shape(frames)[0], -1, frame_length] + trailing)
+    # frame_signal knows the frame count statically when the length is static.
+    count = frames.shape[1] if frames.shape[1] is not None else tf.shape(frames)[1]
+    return tf.reshape(frames, [-1, count, frame_length] + trailing)
 
 
 def power_spectrum(waveform: tf.Tensor, frame_length: int, frame_step: int,

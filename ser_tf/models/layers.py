@@ -169,9 +169,6 @@ class ChunkEncoder(keras.layers.Layer):
         self.encoder.build((None, self.chunk_frames) + tuple(input_shape[2:]))
         super().build(input_shape)
 
-    def num_chunks(self, frames: tf.Tensor) -> tf.Tensor:
-        return 1 + tf.maximum(0, frames - self.chunk_frames) // self.hop_frames
-
     def call(self, features: tf.Tensor, training: bool | None = None) -> tf.Tensor:
         frames = features.shape[1]
         if frames is None:
