@@ -26,6 +26,13 @@ time chunks with :func:`ser_tf.frontend.frame_time`, which has no switch: agains
 ``tf.signal.frame`` it moved the EmoDB CNN-LSTM's bound by about 10%.
 
 Contenders alternate in a rotating order over the repeats; each reports its median.
+Each model is measured in a fresh process (:func:`attack_report_subprocess`) with one
+TensorFlow inter-op thread (``TF_NUM_INTEROP_THREADS=1``, what ``ser-attack
+--inter_op_threads=1`` sets) for every contender: with TensorFlow's default (one per core),
+a compiled PGD or gradient pass on two cores now and then settled into a schedule about 1.4
+times slower, for all of its rounds, which made the medians swing between runs; with one it
+never did, and the fast schedule's rate is the same. ART's eager calls do not use the
+inter-op pool.
 The model is built from a ser-train flagfile (``make bench`` measures the EmoDB CNN-LSTM
 of ``configs/emodb_cnn_lstm.flags``, the one ``ser-attack`` is measured on, and the
 heavier default ``ModelConfig()``); its weights are untrained, which does not change the
@@ -34,10 +41,14 @@ work.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -207,6 +218,7 @@ def attack_report(repeats: int = 3, *, flagfile: str | None = None, examples: in
     art_rate = methods["ART PGD-10 (TensorFlowV2Classifier)"]["examples_per_s"]
     bound = methods["gradient pass (bound x10)"]["examples_per_s"]
     report = {"model": config.name, "flagfile": flagfile, "params": params,
+              "inter_op_threads": os.environ.get("TF_NUM_INTEROP_THREADS", "default"),
               "segment_samples": int(x.shape[1]), "batch_size": batch_size, "steps": STEPS,
               "budget": BUDGET.label,
               "examples": examples, "art_examples": art_examples, "methods": methods,
@@ -228,6 +240,27 @@ def attack_report(repeats: int = 3, *, flagfile: str | None = None, examples: in
     return report
 
 
+INTER_OP_THREADS = 1
+
+
+def attack_report_subprocess(**kwargs) -> dict:
+    """:func:`attack_report` with ``kwargs``, run in a fresh Python process with
+    ``TF_NUM_INTEROP_THREADS=INTER_OP_THREADS`` (TensorFlow fixes its thread pools when it
+    starts, so the calling process cannot change them for one report); stderr (the
+    progress lines) passes through."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "report.json")
+        command = [sys.executable, "-m", "bench.attack", f"--json={out}"]
+        for key, value in kwargs.items():
+            if value is not None:
+                command.append(f"--{key}={value}")
+        env = dict(os.environ, TF_NUM_INTEROP_THREADS=str(INTER_OP_THREADS))
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        with open(out) as f:
+            return json.load(f)
+
+
 def to_markdown(report: dict) -> str:
     """Renders :func:`attack_report`'s result as Markdown."""
     def verdict(met: bool) -> str:
@@ -243,7 +276,8 @@ def to_markdown(report: dict) -> str:
         f"{report['examples']} clips per round; ART: {report['art_examples']}. The bound is "
         "one compiled forward+backward pass to the input, timed alone, divided by the "
         f"{report['steps']} passes PGD-{report['steps']} needs. Median over rounds, "
-        "contenders alternating.",
+        "contenders alternating, in a fresh process with TensorFlow inter-op threads: "
+        f"{report.get('inter_op_threads', 'default')}.",
         "",
         "| contender | examples/s (median) | range |",
         "|---|---:|---:|",
@@ -269,7 +303,7 @@ def to_markdown(report: dict) -> str:
                      f"that, ser_tf / ART would be {optimised['ratio_art']:.1f}x; ART runs "
                      "the optimised model too).")
     xla = report["xla"]
-    if xla["bound_speedup"]:
+    if xla["bound_speedup"] and xla["pgd_speedup"]:
         lines.append(f"- XLA (`jit_compile=True`) moves the bound by "
                      f"{xla['bound_speedup']:.2f}x and ser_tf's PGD by "
                      f"{xla['pgd_speedup']:.2f}x; under XLA ser_tf reaches "
@@ -277,6 +311,24 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.attack [--flagfile=F] [--repeats=N] [--json=OUT]``: one model's
+    report, as Markdown on stdout and optionally as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--flagfile", default=None,
+                        help="ser-train flagfile of the model (default: ModelConfig())")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--art_examples", type=int, default=96)
+    parser.add_argument("--json", default="", help="also write the report here as JSON")
+    args = parser.parse_args(argv)
+    report = attack_report(repeats=args.repeats, flagfile=args.flagfile,
+                           examples=args.examples, art_examples=args.art_examples)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    print(to_markdown(report))
+
+
 if __name__ == "__main__":
-    print(to_markdown(attack_report(repeats=int(sys.argv[1]) if len(sys.argv) > 1 else 2,
-                                    flagfile=sys.argv[2] if len(sys.argv) > 2 else None)))
+    main()

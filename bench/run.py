@@ -208,10 +208,10 @@ def _run_attack(quick: bool, repeats: int | None) -> tuple[dict, str]:
     for title, flagfile in (("EmoDB CNN-LSTM", "configs/emodb_cnn_lstm.flags"),
                             ("Default CNN-LSTM", None)):
         if quick:
-            report = attack.attack_report(repeats=repeats or 1, flagfile=flagfile,
-                                          examples=32, art_examples=8)
+            report = attack.attack_report_subprocess(repeats=repeats or 1, flagfile=flagfile,
+                                                     examples=32, art_examples=8)
         else:
-            report = attack.attack_report(repeats=repeats or 5, flagfile=flagfile)
+            report = attack.attack_report_subprocess(repeats=repeats or 5, flagfile=flagfile)
         reports[title] = report
         bodies.append(f"#### {title}\n\n{attack.to_markdown(report)}")
     return reports, "\n\n".join(bodies)

@@ -119,6 +119,32 @@ def test_default_labels_are_the_models_predictions(tone_model):
     np.testing.assert_allclose(with_pred.numpy(), with_true.numpy(), atol=1e-6)
 
 
+def test_linf_pgd_takes_cleverhans_steps_in_the_scaled_space(tone_model):
+    """pgd runs L-inf steps in input units with a fused step kernel; the reference is
+    CleverHans' own composition in the scaled space (its fast gradient step, clip_eta and
+    the range clip), from the same random start."""
+    from cleverhans.tf2.attacks.fast_gradient_method import fast_gradient_method
+    from cleverhans.tf2.utils import clip_eta, random_lp_vector
+
+    model, x, y = tone_model
+    steps = 4
+    tf.random.set_seed(3)
+    ours = W.pgd(model, x, budget=LINF, y=y, steps=steps).numpy()
+    tf.random.set_seed(3)
+    p = B.scaled_problem(model, x, LINF)
+    z = p.z
+    adv = tf.clip_by_value(z + clip_eta(random_lp_vector(tf.shape(z), np.inf, p.eps),
+                                        np.inf, p.eps), p.clip_min, p.clip_max)
+    for _ in range(steps):
+        adv = fast_gradient_method(p.model_fn, adv, 2.5 / steps * p.eps, np.inf, y=y,
+                                   clip_min=p.clip_min, clip_max=p.clip_max)
+        adv = tf.clip_by_value(z + clip_eta(adv - z, np.inf, p.eps), p.clip_min, p.clip_max)
+    reference = B.project(x, p.unscale(adv), LINF).numpy()
+    # Equal up to float rounding (the scaled space rounds z * scale differently from x).
+    step = (2.5 / steps * B.epsilon(x, LINF)).numpy()
+    assert np.all(np.abs(ours - reference) < 1e-3 * step)
+
+
 def test_pgd_is_reproducible_under_the_global_seed(tone_model):
     model, x, y = tone_model
     runs = []
