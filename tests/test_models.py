@@ -13,7 +13,8 @@ import tensorflow as tf
 from ser_tf.frontend import automatic_gradients, dct_matrix, deltas
 from ser_tf.models import MODELS, ModelConfig, SERModel, build_model
 from ser_tf.models.layers import (DESCRIPTORS, STATISTICS, ChunkEncoder, UtteranceStatistics,
-                                  conv2d_same, folded_stack, unfolded_batchnorm)
+                                  conv2d_same, folded_stack, max_pool_same,
+                                  unfolded_batchnorm)
 
 LABELS = ("anger", "neutral", "sadness")
 
@@ -89,6 +90,35 @@ def test_conv2d_same_matches_tensorflow_conv_and_its_gradients(kernel_shape):
     for w, a, b in zip(want, got, automatic):
         np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-4)
         np.testing.assert_array_equal(b, w)
+
+
+@pytest.mark.parametrize("pool,shape", [((2, 2), (3, 8, 12, 4)), ((1, 2), (2, 5, 6, 3)),
+                                        ((2, 2), (2, 7, 12, 3))])
+def test_max_pool_same_matches_the_layer_and_its_gradient_ties_included(pool, shape):
+    # (2, 2) on 8x12 and (1, 2) on 5x6 tile the input and take the written-out gradient;
+    # (2, 2) on 7 rows does not, so that is the layer's own.
+    rng = np.random.default_rng(3)
+    values = rng.standard_normal(shape).astype(np.float32)
+    values = np.maximum(values, 0.0)  # ReLU output: windows of tied zeros
+    values[:, 0, 0, :] = values[:, 0, 1, :] = 0.5  # and tied maxima
+    x = tf.constant(values)
+    layer = keras.layers.MaxPooling2D(pool, padding="same")
+    g = tf.constant(rng.standard_normal(layer(x).shape).astype(np.float32))
+
+    def run(fn):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x)
+        return y.numpy(), tape.gradient(y, x, output_gradients=g).numpy()
+
+    want_y, want_dx = run(layer)
+    got_y, got_dx = run(lambda v: max_pool_same(v, layer))
+    np.testing.assert_array_equal(got_y, want_y)
+    np.testing.assert_array_equal(got_dx, want_dx)
+    graph = tf.function(lambda v: max_pool_same(v, layer)).get_concrete_function(x).graph
+    # tf.custom_gradient marks its output with an IdentityN.
+    written = any(op.type == "IdentityN" for op in graph.get_operations())
+    assert written == (shape[1] % pool[0] == 0), "custom gradient used only when windows tile"
 
 
 def _encoder_with_statistics(seed: int = 0) -> ChunkEncoder:
