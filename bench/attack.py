@@ -28,13 +28,8 @@ time chunks with :func:`ser_tf.frontend.frame_time`, which has no switch: agains
 ``tf.signal.frame`` it moved the EmoDB CNN-LSTM's bound by about 10%.
 
 Contenders alternate in a rotating order over the repeats; each reports its median.
-Each model is measured in a fresh process (:func:`attack_report_subprocess`) with one
-TensorFlow inter-op thread (``TF_NUM_INTEROP_THREADS=1``, what ``ser-attack
---inter_op_threads=1`` sets) for every contender: with TensorFlow's default (one per core),
-a compiled PGD or gradient pass on two cores now and then settled into a schedule about 1.4
-times slower, for all of its rounds, which made the medians swing between runs; with one it
-never did, and the fast schedule's rate is the same. ART's eager calls do not use the
-inter-op pool.
+Each model is measured in a fresh process (:func:`attack_report_subprocess`), so that no
+state one model's contenders leave behind (traces, allocations) touches the next's.
 The model is built from a ser-train flagfile (``make bench`` measures the EmoDB CNN-LSTM
 of ``configs/emodb_cnn_lstm.flags``, the one ``ser-attack`` is measured on, and the
 heavier default ``ModelConfig()``); its weights are untrained, which does not change the
@@ -232,7 +227,6 @@ def attack_report(repeats: int = 3, *, flagfile: str | None = None, examples: in
     art_rate = methods["ART PGD-10 (TensorFlowV2Classifier)"]["examples_per_s"]
     bound = methods["gradient pass (bound x10)"]["examples_per_s"]
     report = {"model": config.name, "flagfile": flagfile, "params": params,
-              "inter_op_threads": os.environ.get("TF_NUM_INTEROP_THREADS", "default"),
               "segment_samples": int(x.shape[1]), "batch_size": batch_size, "steps": STEPS,
               "budget": BUDGET.label,
               "examples": examples, "art_examples": art_examples, "methods": methods,
@@ -257,13 +251,8 @@ def attack_report(repeats: int = 3, *, flagfile: str | None = None, examples: in
     return report
 
 
-INTER_OP_THREADS = 1
-
-
 def attack_report_subprocess(**kwargs) -> dict:
-    """:func:`attack_report` with ``kwargs``, run in a fresh Python process with
-    ``TF_NUM_INTEROP_THREADS=INTER_OP_THREADS`` (TensorFlow fixes its thread pools when it
-    starts, so the calling process cannot change them for one report); stderr (the
+    """:func:`attack_report` with ``kwargs``, run in a fresh Python process; stderr (the
     progress lines) passes through."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
@@ -271,8 +260,7 @@ def attack_report_subprocess(**kwargs) -> dict:
         for key, value in kwargs.items():
             if value is not None:
                 command.append(f"--{key}={value}")
-        env = dict(os.environ, TF_NUM_INTEROP_THREADS=str(INTER_OP_THREADS))
-        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL,
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         with open(out) as f:
             return json.load(f)
@@ -293,8 +281,7 @@ def to_markdown(report: dict) -> str:
         f"{report['examples']} clips per round; ART: {report['art_examples']}. The bound is "
         "one compiled forward+backward pass to the input, timed alone, divided by the "
         f"{report['steps']} passes PGD-{report['steps']} needs. Median over rounds, "
-        "contenders alternating, in a fresh process with TensorFlow inter-op threads: "
-        f"{report.get('inter_op_threads', 'default')}.",
+        "contenders alternating, each model in a fresh process.",
         "",
         "| contender | examples/s (median) | range |",
         "|---|---:|---:|",

@@ -279,8 +279,7 @@ def test_ser_attack_utterance_unit_starts_from_the_training_runs_figures(trained
     out = tmp_path / "utterances"
     done = _attack(f"--workdir={trained_workdir}", f"--out_dir={out}", "--unit=utterance",
                    "--attacks=pgd,hsj", "--linf_db=-20", "--snr_db=20", "--steps=2",
-                   "--restarts=2", "--examples=1", "--progress=false",
-                   "--inter_op_threads=1")
+                   "--restarts=2", "--examples=1", "--progress=false")
     assert done.returncode == 0, done.stderr[-3000:]
     rob = json.loads((out / "robustness.json").read_text())
     trained = json.loads((trained_workdir / "metrics.json").read_text())

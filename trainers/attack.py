@@ -74,11 +74,6 @@ flags.DEFINE_enum("unit", "clip", ["clip", "utterance"], "What is attacked: clip
                   "as metrics.json evaluates it; the budget is relative to the whole "
                   "utterance; waveform domain only).")
 flags.DEFINE_bool("progress", None, "Progress bars (default: on a terminal).")
-flags.DEFINE_integer("inter_op_threads", 0, "TensorFlow's inter-op threads (0: TensorFlow's "
-                     "default, one per core). On a small CPU, 1 is faster: with two cores and "
-                     "the default, a compiled attack now and then settles into a schedule "
-                     "that takes about 1.4 times as long; with 1 it never did "
-                     "(BENCHMARKS.md, attack throughput).")
 flags.mark_flag_as_required("workdir")
 
 
@@ -91,11 +86,6 @@ def main(argv):
     # Each attack and budget is its own compiled function: TF's retracing warnings about
     # that are expected here, not a sign of trouble.
     tf.get_logger().setLevel(logging.ERROR)
-    if FLAGS.inter_op_threads < 0:
-        raise app.UsageError(f"--inter_op_threads must be at least 0, got "
-                             f"{FLAGS.inter_op_threads}")
-    if FLAGS.inter_op_threads:
-        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
     from ser_tf.attacks.runner import JobConfig, Sweep, attack_workdir
     from ser_tf.data.pipeline import BadAudioError
     from ser_tf.evaluation.report import format_robustness
