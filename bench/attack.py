@@ -164,41 +164,41 @@ def attack_report(repeats: int = 3, *, flagfile: str | None = None, examples: in
                                    eps_step=min(1.0, 2.5 / STEPS) * eps, max_iter=STEPS,
                                    num_random_init=1, batch_size=batch_size, verbose=False)
 
+    @contextlib.contextmanager
     def unoptimised():
         # TF's own gradients and the conv stack layer by layer: read when a function is
         # traced, and by ART's eager calls on every call.
-        stack = contextlib.ExitStack()
-        stack.enter_context(automatic_gradients())
-        stack.enter_context(unfolded_batchnorm())
-        return stack
+        with automatic_gradients(), unfolded_batchnorm():
+            yield
+
+    def art_round():
+        art.generate(x[:art_examples], y=y[:art_examples])
 
     def art_unoptimised():
         with unoptimised():
-            art.generate(x[:art_examples], y=y[:art_examples])
+            art_round()
 
-    def run_batches(fn, count):
-        for start in range(0, count, batch_size):
-            out = fn(tf.constant(x[start:start + batch_size]),
-                     tf.constant(y[start:start + batch_size]))
-        np.asarray(out)
+    def batched(fn):
+        """One round of ``fn`` over ``examples`` clips, batch by batch."""
+        def run():
+            for start in range(0, examples, batch_size):
+                out = fn(tf.constant(x[start:start + batch_size]),
+                         tf.constant(y[start:start + batch_size]))
+            np.asarray(out)
+        return run
 
     # name -> (callable running one round, clips per round, gradient passes per clip).
     # Each compiled function is built once here, so every round reuses its trace.
     compiled = {
-        "ser_tf PGD-10 (tf.function)": (ser_tf_pgd(False), examples, 1),
-        "gradient pass (bound x10)": (gradient_pass(False), examples, STEPS),
-        "ART PGD-10 (TensorFlowV2Classifier)": (None, art_examples, 1),
-        AUTO_PGD: (ser_tf_pgd(False), examples, 1),
-        AUTO_BOUND: (gradient_pass(False), examples, STEPS),
+        "ser_tf PGD-10 (tf.function)": (batched(ser_tf_pgd(False)), examples, 1),
+        "gradient pass (bound x10)": (batched(gradient_pass(False)), examples, STEPS),
+        "ART PGD-10 (TensorFlowV2Classifier)": (art_round, art_examples, 1),
+        AUTO_PGD: (batched(ser_tf_pgd(False)), examples, 1),
+        AUTO_BOUND: (batched(gradient_pass(False)), examples, STEPS),
         AUTO_ART: (art_unoptimised, art_examples, 1),
-        "ser_tf PGD-10 (XLA)": (ser_tf_pgd(True), examples, 1),
-        "gradient pass, XLA (bound x10)": (gradient_pass(True), examples, STEPS),
+        "ser_tf PGD-10 (XLA)": (batched(ser_tf_pgd(True)), examples, 1),
+        "gradient pass, XLA (bound x10)": (batched(gradient_pass(True)), examples, STEPS),
     }
-    compiled = {
-        name: ((lambda: art.generate(x[:art_examples], y=y[:art_examples])) if fn is None
-               else fn if name == AUTO_ART
-               else (lambda fn=fn, count=count: run_batches(fn, count)), count, divisor)
-        for name, (fn, count, divisor) in compiled.items()}
     times: dict[str, list[float]] = {name: [] for name in compiled}
     failed: dict[str, str] = {}
     for name, (fn, _, _) in compiled.items():
@@ -242,7 +242,6 @@ def attack_report(repeats: int = 3, *, flagfile: str | None = None, examples: in
     report["optimisations"] = {
         "bound_speedup": bound / auto_bound if auto_bound else None,
         "pgd_speedup": ours / auto_pgd if auto_pgd else None,
-        "ratio_art": auto_pgd / art_rate if auto_pgd else None,
         "ratio_art_unoptimised": auto_pgd / auto_art if auto_pgd and auto_art else None,
         "art_speedup": art_rate / auto_art if auto_art else None}
     report["xla"] = {"pgd_speedup": xla_pgd / ours if xla_pgd else None,

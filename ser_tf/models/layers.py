@@ -118,6 +118,7 @@ def _max_pool_gradient(x: tf.Tensor, y: tf.Tensor, g: tf.Tensor,
     _, height, width, channels = x.shape
     windows = tf.reshape(x, [-1, height // ph, ph, width // pw, pw, channels])
     taken = tf.zeros_like(y, tf.bool)
+    zeros = tf.zeros_like(g)
     rows = []
     for i in range(ph):
         row = []
@@ -125,7 +126,7 @@ def _max_pool_gradient(x: tf.Tensor, y: tf.Tensor, g: tf.Tensor,
             first = tf.logical_and(tf.equal(windows[:, :, i, :, j, :], y),
                                    tf.logical_not(taken))
             taken = tf.logical_or(taken, first)
-            row.append(tf.where(first, g, tf.zeros_like(g)))
+            row.append(tf.where(first, g, zeros))
         rows.append(tf.stack(row, axis=3))
     return tf.reshape(tf.stack(rows, axis=2), tf.shape(x))
 
