@@ -104,12 +104,14 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                        flag_values=fv)
     # -- training ------------------------------------------------------------------------------
     flags.DEFINE_enum("trainer", "standard",
-                      ["standard", "adversarial", "gan", "purifier", "convex"],
+                      ["standard", "adversarial", "gan", "purifier", "convex", "distill"],
                       "Training method: standard; adversarial (--adv_* flags); gan: "
                       "GAN-augmented (--gan_* flags); purifier: standard, then a GAN "
                       "purifier in front of the classifier (--purifier_* flags); convex: "
                       "--model=functionals' linear head fitted as L2-regularised softmax "
-                      "regression along a path of --convex_c values (no gradient epochs).",
+                      "regression along a path of --convex_c values (no gradient epochs); "
+                      "distill: standard, plus a trained teacher run's soft labels "
+                      "(--distill_* flags).",
                       flag_values=fv)
     flags.DEFINE_integer("epochs", 40, "Maximum epochs.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 32, "Batch size.", flag_values=fv)
@@ -235,6 +237,14 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                       "point is validated and selected on as an epoch is.", flag_values=fv)
     flags.DEFINE_integer("convex_max_iterations", 5000, "L-BFGS iterations per point.",
                          flag_values=fv)
+    # -- distillation (--trainer=distill) ---------------------------------------------------
+    flags.DEFINE_string("distill_teacher", "", "Workdir of the teacher: a trained ser-train "
+                        "run of the same protocol and classes (each fold learns from the "
+                        "teacher's fold with the same test speakers).", flag_values=fv)
+    flags.DEFINE_float("distill_weight", 0.5, "Share of the loss that is the KL divergence "
+                       "from the teacher's predictions (0 to 1).", flag_values=fv)
+    flags.DEFINE_float("distill_temperature", 2.0, "Softmax temperature of both models in the "
+                       "distillation term.", flag_values=fv)
     # -- output --------------------------------------------------------------------------------
     flags.DEFINE_string("workdir", None, "Output folder (created; re-running resumes).",
                         flag_values=fv)
@@ -298,7 +308,8 @@ def build_config(fv: flags.FlagValues = FLAGS):
 def _method_config(fv: flags.FlagValues):
     """The training method's own configuration from its flags (None for standard)."""
     from ser_tf.attacks.budget import Budget
-    from ser_tf.defenses import AdversarialConfig, ConvexConfig, GANConfig, PurifierConfig
+    from ser_tf.defenses import (AdversarialConfig, ConvexConfig, DistillConfig, GANConfig,
+                                 PurifierConfig)
 
     def adversarial():
         return AdversarialConfig(
@@ -321,6 +332,9 @@ def _method_config(fv: flags.FlagValues):
         except ValueError:
             raise ValueError(f"--convex_c must be numbers, got {fv.convex_c}")
         return ConvexConfig(c_values=c_values, max_iterations=fv.convex_max_iterations)
+    if fv.trainer == "distill":
+        return DistillConfig(teacher_dir=fv.distill_teacher, weight=fv.distill_weight,
+                             temperature=fv.distill_temperature)
     if fv.trainer == "purifier":
         return PurifierConfig(
             width=fv.purifier_width, steps=fv.purifier_steps,

@@ -1,6 +1,6 @@
 """Defended training: adversarial training, GAN-augmented training and a GAN purifier; and
 the registry of every training method (with the convex head fit of
-:mod:`ser_tf.training.convex`).
+:mod:`ser_tf.training.convex` and the distillation of :mod:`ser_tf.training.distill`).
 
 Each method is a fold trainer with the standard trainer's outputs and resume behaviour
 (:mod:`ser_tf.training.standard`), composed with the project's attacks
@@ -17,6 +17,7 @@ from ser_tf.defenses.adversarial import AdversarialConfig, AdversarialTrainer
 from ser_tf.defenses.gan import GANConfig, GANTrainer
 from ser_tf.defenses.purifier import PurifierConfig, PurifierTrainer
 from ser_tf.training.convex import ConvexConfig, ConvexTrainer
+from ser_tf.training.distill import DistillConfig, DistillTrainer
 from ser_tf.training.experiment import ExperimentConfig, Trainer
 from ser_tf.training.standard import train_fold
 
@@ -26,6 +27,7 @@ METHODS = {
     "gan": (GANConfig, GANTrainer, "gan"),
     "purifier": (PurifierConfig, PurifierTrainer, "purifier"),
     "convex": (ConvexConfig, ConvexTrainer, "convex"),
+    "distill": (DistillConfig, DistillTrainer, "distill"),
 }
 TRAINERS = ("standard", *METHODS)
 
@@ -55,5 +57,6 @@ def fold_trainer(cfg: ExperimentConfig) -> Trainer:
         trainer_type, **{keyword: method}))
 
 
-__all__ = ["AdversarialConfig", "ConvexConfig", "GANConfig", "METHODS", "PurifierConfig",
+__all__ = ["AdversarialConfig", "ConvexConfig", "DistillConfig", "GANConfig", "METHODS",
+           "PurifierConfig",
            "TRAINERS", "fold_trainer"]

@@ -46,7 +46,7 @@ from ser_tf.data.pipeline import training_dataset
 from ser_tf.defenses.gan import AdversarialPair
 from ser_tf.evaluation.report import png_to_tensor, spectrograms_png
 from ser_tf.training import distribute
-from ser_tf.training.standard import FoldTrainer
+from ser_tf.training.standard import FoldTrainer, load_fold_model
 
 log = logging.getLogger(__name__)
 
@@ -224,29 +224,6 @@ class PurifierGAN(AdversarialPair):
                              png_to_tensor(spectrograms_png(grid, titles)))
 
 
-def load_classifier(workdir: str, fold: str, test_speakers: Sequence[str]) -> keras.Model:
-    """The model of a trained run for ``fold``: ``workdir/fold/model.keras``, else
-    ``workdir/model.keras``, refused unless that run tested on the same speakers (a
-    classifier that trained on this fold's test speakers would leak them)."""
-    for folder in (os.path.join(workdir, fold), workdir):
-        path = os.path.join(folder, "model.keras")
-        if os.path.exists(path):
-            break
-    else:
-        raise FileNotFoundError(f"no trained model for {fold} in {workdir} (looked for "
-                                f"{fold}/model.keras and model.keras)")
-    metrics_path = os.path.join(folder, "metrics.json")
-    if not os.path.exists(metrics_path):
-        raise FileNotFoundError(f"{metrics_path} is missing: cannot check which speakers "
-                                f"the model at {path} was tested on")
-    with open(metrics_path) as f:
-        tested = json.load(f).get("test_speakers")
-    if sorted(tested or []) != sorted(test_speakers):
-        raise ValueError(f"{path} was tested on speakers {tested}, this fold on "
-                         f"{list(test_speakers)}: its classifier may have trained on them")
-    return keras.saving.load_model(path)
-
-
 class PurifierTrainer(FoldTrainer):
     """A fold trained as standard, then given a GAN purifier (see the module docstring)."""
 
@@ -274,7 +251,7 @@ class PurifierTrainer(FoldTrainer):
         if start > 0:  # resumed: the loaded classifier is already the checkpoint
             return
         self._epoch_start = time.time()
-        source = load_classifier(self.purifier_cfg.classifier_from, self.fold.name,
+        source = load_fold_model(self.purifier_cfg.classifier_from, self.fold.name,
                                  self.fold.test_speakers)
 
         def signature(model) -> str:  # JSON: a loaded config has lists for tuples

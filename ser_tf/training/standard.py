@@ -554,6 +554,30 @@ class FoldTrainer:
 TrainerFactory = Callable[..., FoldTrainer]
 
 
+def load_fold_model(workdir: str, fold: str, test_speakers: Sequence[str]) -> keras.Model:
+    """The model of a trained run for ``fold``: ``workdir/fold/model.keras``, else
+    ``workdir/model.keras``, refused unless that run tested on the same speakers (a
+    model that trained on this fold's test speakers would leak them into whatever is
+    built on it: a purifier's classifier, a distillation teacher)."""
+    for folder in (os.path.join(workdir, fold), workdir):
+        path = os.path.join(folder, "model.keras")
+        if os.path.exists(path):
+            break
+    else:
+        raise FileNotFoundError(f"no trained model for {fold} in {workdir} (looked for "
+                                f"{fold}/model.keras and model.keras)")
+    metrics_path = os.path.join(folder, "metrics.json")
+    if not os.path.exists(metrics_path):
+        raise FileNotFoundError(f"{metrics_path} is missing: cannot check which speakers "
+                                f"the model at {path} was tested on")
+    with open(metrics_path) as f:
+        tested = json.load(f).get("test_speakers")
+    if sorted(tested or []) != sorted(test_speakers):
+        raise ValueError(f"{path} was tested on speakers {tested}, this fold on "
+                         f"{list(test_speakers)}: its classifier may have trained on them")
+    return keras.saving.load_model(path)
+
+
 def train_fold(corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str], fold: Fold,
                model_cfg: ModelConfig, cfg: TrainConfig, workdir: str,
                verbose: int = 2, trainer_factory: TrainerFactory = FoldTrainer) -> dict:
