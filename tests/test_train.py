@@ -112,6 +112,52 @@ def test_ema_saves_the_averaged_weights_and_trains_on_the_raw_ones(manifest, tmp
         run_experiment(dataclasses.replace(_config(manifest, tmp_path / "bad", ema=1.0)))
 
 
+def test_mixup_trains_on_blends_and_their_mixed_losses():
+    from ser_tf.models import build_model
+    from ser_tf.training.standard import TrainingSteps
+
+    model = build_model(dataclasses.replace(TINY_MODEL, dropout=0.0, specaugment=False),
+                        ["a", "b", "c"], seed=0)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(8, model.segment_samples)).astype(np.float32) * 0.1)
+    y = tf.constant([0, 1, 2, 0, 1, 2, 0, 1])
+    w = tf.constant([1.0, 2.0, 0.5, 1.0, 2.0, 0.5, 1.0, 2.0])
+    model(x)
+    steps = TrainingSteps(model, mixup=0.4)
+    steps.compile(optimizer=keras.optimizers.SGD(0.0))
+
+    tf.random.set_seed(3)
+    blends, lam, partner = (t.numpy() for t in steps._blend(x))
+    # Convex blends of two batch members, each keeping the larger share.
+    assert sorted(partner) == list(range(8)) and np.all((lam >= 0.5) & (lam <= 1.0))
+    assert 0.5 < lam.min() and lam.max() < 1.0
+    np.testing.assert_allclose(blends, lam[:, None] * x.numpy()
+                               + (1 - lam[:, None]) * x.numpy()[partner], atol=1e-6)
+    # One step: its loss is the blends' cross-entropy against both labels, mixed.
+    logits = model(blends, training=True)
+    xent = [tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits).numpy()
+            for labels in (y, tf.gather(y, partner))]
+    expected = np.mean(lam * w.numpy() * xent[0]
+                       + (1 - lam) * w.numpy()[partner] * xent[1])
+    tf.random.set_seed(3)
+    got = steps.train_step((x, y, w))["loss"]
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_mixup_is_refused_where_it_cannot_apply(manifest, tmp_path):
+    from ser_tf.defenses import AdversarialConfig, fold_trainer
+
+    with pytest.raises(ValueError, match="mixup alpha"):
+        TrainConfig(mixup=-1.0)
+    spk = _config(manifest, tmp_path / "s", mixup=0.4, speaker_norm=True)
+    with pytest.raises(ValueError, match="--speaker_norm"):
+        run_experiment(spk)
+    adv = dataclasses.replace(_config(manifest, tmp_path / "a", mixup=0.4),
+                              trainer="adversarial", method=AdversarialConfig())
+    with pytest.raises(ValueError, match="--mixup is for standard training"):
+        run_experiment(adv, fold_trainer(adv))
+
+
 def test_loso_writes_fold_workdirs_and_summary(manifest, tmp_path):
     cfg = dataclasses.replace(_config(manifest, tmp_path, epochs=1), protocol="loso")
     m = run_experiment(cfg)

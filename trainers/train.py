@@ -125,6 +125,10 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                        flag_values=fv)
     flags.DEFINE_integer("patience", 10, "Early stopping patience on validation UAR (0: off).",
                          flag_values=fv)
+    flags.DEFINE_float("mixup", 0.0, "Mixup alpha (standard training): every training "
+                       "waveform is blended with another of its batch, the weights drawn "
+                       "from Beta(alpha, alpha), and so are the two labels' losses (0: off; "
+                       "e.g. 0.4).", flag_values=fv)
     flags.DEFINE_bool("class_weighting", True, "Balance the loss by class frequency.",
                       flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling, crops, augmentation).",
@@ -292,7 +296,7 @@ def build_config(fv: flags.FlagValues = FLAGS):
                         eval_hop_s=fv.eval_hop_s, pad_mode=fv.pad_mode,
                         eval_whole=fv.eval_whole, augment=augment,
                         deterministic=fv.deterministic, speaker_norm=fv.speaker_norm,
-                        refit=fv.refit, strategy=fv.strategy)
+                        refit=fv.refit, strategy=fv.strategy, mixup=fv.mixup)
     method = _method_config(fv)
     return ExperimentConfig(
         workdir=fv.workdir, corpus=fv.corpus, data_dir=fv.data_dir,

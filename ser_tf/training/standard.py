@@ -86,6 +86,11 @@ class TrainConfig:
         selected number of epochs and report that model.
       strategy: the tf.distribute strategy (``default``, ``mirrored``, ``multiworker``;
         see :mod:`ser_tf.training.distribute`); ``batch_size`` is then the global batch.
+      mixup: ``alpha`` of mixup (Zhang et al. 2018) for standard training: every
+        training waveform is mixed with another of its batch, ``lam * x_i + (1 - lam) *
+        x_j`` with ``lam ~ Beta(alpha, alpha)`` (the larger share kept by ``x_i``), and
+        the loss mixes the two examples' (class-weighted) cross-entropies with the same
+        weights. 0: off.
     """
 
     epochs: int = 40
@@ -105,10 +110,13 @@ class TrainConfig:
     speaker_norm: bool = False
     refit: bool = False
     strategy: str = "default"
+    mixup: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if self.mixup < 0.0:
+            raise ValueError(f"mixup alpha must be >= 0, got {self.mixup}")
 
 
 def write_predictions(path: str, utterances: Sequence, y_true: np.ndarray, logits: np.ndarray,
@@ -137,13 +145,16 @@ class TrainingSteps(keras.Model):
     :func:`run_epochs` runs :meth:`train_step` on every batch, on every replica of the
     distribution strategy. The wrapper holds no weights of its own (it trains the wrapped
     model's with that model's optimizer) and is never saved. Here the step is plain
-    (class-weighted) cross-entropy; the defenses' steps subclass it. Reported per epoch:
-    ``loss`` and ``accuracy`` on the training batches, aggregated over replicas.
+    (class-weighted) cross-entropy, on mixup's blends with ``mixup > 0`` (see
+    :class:`TrainConfig`); the defenses' steps subclass it. Reported per epoch: ``loss``
+    and ``accuracy`` (against each blend's larger share) on the training batches,
+    aggregated over replicas.
     """
 
-    def __init__(self, model, name: str = "training_steps", **kwargs):
+    def __init__(self, model, mixup: float = 0.0, name: str = "training_steps", **kwargs):
         super().__init__(name=name, **kwargs)
         self.ser = model
+        self.mixup = float(mixup)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.clean_accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self._step_fn = None
@@ -159,14 +170,32 @@ class TrainingSteps(keras.Model):
         x, y, w = keras.utils.unpack_x_y_sample_weight(data)
         y = tf.cast(y, tf.int32)
         w = tf.ones(tf.shape(y), tf.float32) if w is None else tf.cast(w, tf.float32)
+        if self.mixup > 0:
+            x, lam, partner = self._blend(x)
         with tf.GradientTape() as tape:
             logits = self.ser(x, training=True)
-            xent = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
-            loss = tf.reduce_sum(w * xent) / tf.cast(tf.shape(y)[0], tf.float32)
+            xent = w * tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
+            if self.mixup > 0:
+                other = tf.gather(w, partner) * tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    tf.gather(y, partner), logits)
+                xent = lam * xent + (1.0 - lam) * other
+            loss = tf.reduce_sum(xent) / tf.cast(tf.shape(y)[0], tf.float32)
         distribute.minimize(self.optimizer, tape, loss, self.ser.trainable_variables)
         self.loss_tracker.update_state(loss)
         self.clean_accuracy.update_state(y, logits)
         return {m.name: m.result() for m in self.metrics}
+
+    def _blend(self, x):
+        """Mixup's blends of the waveform batch ``x``: ``(blends, lam [B], partner [B])``,
+        each example mixed with the batch's ``partner`` one (a random permutation), its own
+        share ``lam >= 0.5`` drawn from ``Beta(alpha, alpha)`` folded at 0.5."""
+        batch = tf.shape(x)[0]
+        g1 = tf.random.gamma([batch], self.mixup)
+        g2 = tf.random.gamma([batch], self.mixup)
+        lam = g1 / tf.maximum(g1 + g2, 1e-12)
+        lam = tf.maximum(lam, 1.0 - lam)
+        partner = tf.random.shuffle(tf.range(batch))
+        return lam[:, None] * x + (1.0 - lam[:, None]) * tf.gather(x, partner), lam, partner
 
     def step_function(self):
         """:meth:`train_step` compiled, run on every replica (traced once, until
@@ -281,6 +310,10 @@ class FoldTrainer:
     def build(self) -> None:
         if self.cfg.speaker_norm and not self.supports_speaker_norm:
             raise ValueError(f"{self.method_name} does not support --speaker_norm")
+        if self.cfg.mixup and type(self).make_steps is not FoldTrainer.make_steps:
+            raise ValueError(f"--mixup is for standard training, not {self.method_name}")
+        if self.cfg.mixup and self.cfg.speaker_norm:
+            raise ValueError("--mixup blends bare waveforms: it does not take --speaker_norm")
         distribute.check_batch(self.cfg.batch_size)
         keras.utils.set_random_seed(self.cfg.seed)
         self._steps = None
@@ -389,7 +422,7 @@ class FoldTrainer:
     def make_steps(self) -> TrainingSteps:
         """The training method's steps, uncompiled (here plain cross-entropy on the SER
         model). Called once per :meth:`build`, by :attr:`steps`."""
-        return TrainingSteps(self.model)
+        return TrainingSteps(self.model, mixup=self.cfg.mixup)
 
     @property
     def steps(self) -> TrainingSteps:
