@@ -58,5 +58,4 @@ def fold_trainer(cfg: ExperimentConfig) -> Trainer:
 
 
 __all__ = ["AdversarialConfig", "ConvexConfig", "DistillConfig", "GANConfig", "METHODS",
-           "PurifierConfig",
-           "TRAINERS", "fold_trainer"]
+           "PurifierConfig", "TRAINERS", "fold_trainer"]

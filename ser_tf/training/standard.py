@@ -607,7 +607,7 @@ def load_fold_model(workdir: str, fold: str, test_speakers: Sequence[str]) -> ke
         tested = json.load(f).get("test_speakers")
     if sorted(tested or []) != sorted(test_speakers):
         raise ValueError(f"{path} was tested on speakers {tested}, this fold on "
-                         f"{list(test_speakers)}: its classifier may have trained on them")
+                         f"{list(test_speakers)}: that model may have trained on them")
     return keras.saving.load_model(path)
 
 
