@@ -145,17 +145,21 @@ def test_mixup_trains_on_blends_and_their_mixed_losses():
 
 
 def test_mixup_is_refused_where_it_cannot_apply(manifest, tmp_path):
-    from ser_tf.defenses import AdversarialConfig, fold_trainer
+    from ser_tf.defenses import AdversarialConfig, ConvexConfig, DistillConfig, fold_trainer
 
     with pytest.raises(ValueError, match="mixup alpha"):
         TrainConfig(mixup=-1.0)
     spk = _config(manifest, tmp_path / "s", mixup=0.4, speaker_norm=True)
     with pytest.raises(ValueError, match="--speaker_norm"):
         run_experiment(spk)
-    adv = dataclasses.replace(_config(manifest, tmp_path / "a", mixup=0.4),
-                              trainer="adversarial", method=AdversarialConfig())
-    with pytest.raises(ValueError, match="--mixup is for standard training"):
-        run_experiment(adv, fold_trainer(adv))
+    # Methods with steps of their own (or, for the convex fit, none) refuse it rather than
+    # train without it.
+    for trainer, method in [("adversarial", AdversarialConfig()), ("convex", ConvexConfig()),
+                            ("distill", DistillConfig(teacher_dir=str(tmp_path / "none")))]:
+        cfg = dataclasses.replace(_config(manifest, tmp_path / trainer, mixup=0.4),
+                                  trainer=trainer, method=method)
+        with pytest.raises(ValueError, match="--mixup is for standard training"):
+            run_experiment(cfg, fold_trainer(cfg))
 
 
 def test_loso_writes_fold_workdirs_and_summary(manifest, tmp_path):

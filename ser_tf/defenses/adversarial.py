@@ -418,6 +418,7 @@ class AdversarialTrainer(RobustSelection, FoldTrainer):
         self.adversarial = adversarial
 
     method_name = "adversarial training"
+    supports_mixup = False
     supports_speaker_norm = False
 
     def robust_config(self) -> AdversarialConfig:

@@ -506,6 +506,7 @@ class GANTrainer(RobustSelection, FoldTrainer):
         self.quality: dict = {}
 
     method_name = "GAN-augmented training"
+    supports_mixup = False
     supports_speaker_norm = False
 
     def feature_shape(self) -> tuple[int, int, int]:

@@ -177,6 +177,7 @@ class ConvexTrainer(FoldTrainer):
         self._solution: SoftmaxFit | None = None
 
     method_name = "the convex head fit"
+    supports_mixup = False
 
     def build(self) -> None:
         super().build()

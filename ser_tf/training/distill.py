@@ -116,6 +116,7 @@ class DistillTrainer(FoldTrainer):
     docstring)."""
 
     method_name = "distillation"
+    supports_mixup = False
 
     def __init__(self, *args, distill: DistillConfig, **kwargs):
         super().__init__(*args, **kwargs)

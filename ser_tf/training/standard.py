@@ -278,10 +278,13 @@ class FoldTrainer:
     folder, from which every worker resumes.
     """
 
-    #: The training method's name in messages, and whether it takes per-speaker
-    #: normalisation (whose inputs are dicts, not waveforms).
+    #: The training method's name in messages, whether it takes per-speaker
+    #: normalisation (whose inputs are dicts, not waveforms), and whether its gradient
+    #: steps are the standard ones that ``--mixup`` blends (a method with steps of its own,
+    #: or none, must say False, or mixup would be silently ignored).
     method_name = "standard training"
     supports_speaker_norm = True
+    supports_mixup = True
 
     def __init__(self, corpus: DecodedCorpus, labels: np.ndarray, classes: Sequence[str],
                  fold: Fold, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str,
@@ -310,7 +313,7 @@ class FoldTrainer:
     def build(self) -> None:
         if self.cfg.speaker_norm and not self.supports_speaker_norm:
             raise ValueError(f"{self.method_name} does not support --speaker_norm")
-        if self.cfg.mixup and type(self).make_steps is not FoldTrainer.make_steps:
+        if self.cfg.mixup and not self.supports_mixup:
             raise ValueError(f"--mixup is for standard training, not {self.method_name}")
         if self.cfg.mixup and self.cfg.speaker_norm:
             raise ValueError("--mixup blends bare waveforms: it does not take --speaker_norm")
