@@ -30,7 +30,7 @@ import logging
 import numpy as np
 import tensorflow as tf
 
-from ser_tf.data.pipeline import evaluation_dataset, hop_in_samples, training_dataset
+from ser_tf.data.pipeline import evaluation_dataset, hop_in_samples
 from ser_tf.evaluation.predict import predict_utterances
 from ser_tf.training import distribute
 from ser_tf.training.standard import (FoldTrainer, TrainingSteps, class_weights,
@@ -121,20 +121,19 @@ class DistillTrainer(FoldTrainer):
     def __init__(self, *args, distill: DistillConfig, **kwargs):
         super().__init__(*args, **kwargs)
         self.distill_cfg = distill
-        self.teacher_logits: np.ndarray | None = None
-        self.teacher_whole: bool | None = None
+        self.teacher = None
+        self.teacher_flags: dict[str, str] = {}
 
     def prepare(self) -> None:
-        """The teacher's logits for every training utterance, read as the teacher's run
-        read its test utterances (whole, or its windows at its hop: its ``flags.txt``)."""
+        """Loads and checks the teacher, and how its run read utterances (its
+        ``flags.txt``), before any step; its predictions are made only if training runs
+        (:meth:`train_dataset`)."""
         cfg = self.distill_cfg
         flags = run_flags(cfg.teacher_dir)
         if flags.get("speaker_norm") == "true":
             # Its inputs would need every speaker's statistics, and it is not strict.
             raise ValueError(f"{cfg.teacher_dir} was trained with --speaker_norm; a teacher "
                              "must read bare waveforms")
-        whole = flags.get("eval_whole") == "true"
-        hop_s = float(flags.get("eval_hop_s", "1.0"))
         teacher = load_fold_model(cfg.teacher_dir, self.fold.name, self.fold.test_speakers)
         if list(teacher.labels) != list(self.classes):
             raise ValueError(f"{cfg.teacher_dir}: the teacher's classes {list(teacher.labels)} "
@@ -142,19 +141,32 @@ class DistillTrainer(FoldTrainer):
         if teacher.sample_rate != self.rate:
             raise ValueError(f"{cfg.teacher_dir}: the teacher runs at {teacher.sample_rate} Hz, "
                              f"this run at {self.rate} Hz")
+        self.teacher, self.teacher_flags = teacher, flags
+
+    @property
+    def teacher_whole(self) -> bool:
+        """Whether the teacher reads each utterance whole (its run's ``--eval_whole``)."""
+        return self.teacher_flags.get("eval_whole") == "true"
+
+    def teacher_logits(self) -> np.ndarray:
+        """``[utterances, C]``: the teacher's logits for every training utterance (zero
+        elsewhere), read as the teacher's run read its test utterances: whole, or its
+        windows at its hop."""
+        teacher, flags = self.teacher, self.teacher_flags
         ds, n_win = evaluation_dataset(
             self.corpus, self.fold.train, segment_samples=teacher.segment_samples,
-            hop_samples=hop_in_samples(hop_s, self.rate), batch_size=64,
-            pad_mode=flags.get("pad_mode", "loop"), whole=whole)
+            hop_samples=hop_in_samples(float(flags.get("eval_hop_s", "1.0")), self.rate),
+            batch_size=64, pad_mode=flags.get("pad_mode", "loop"), whole=self.teacher_whole)
         forward = tf.function(lambda x: teacher(x, training=False), reduce_retracing=True)
         logits = predict_utterances(forward, ds, len(self.fold.train), n_win,
                                     progress=self.verbose == 1, desc="teacher")
-        table = np.zeros((len(self.corpus.utterances), logits.shape[-1]), np.float32)
-        table[np.asarray(self.fold.train)] = logits
-        self.teacher_logits, self.teacher_whole = table, whole
         truth = self.labels[self.fold.train]
         log.info("%s: teacher %s agrees with %.3f of the %d training labels", self.fold.name,
-                 cfg.teacher_dir, float(np.mean(logits.argmax(-1) == truth)), len(truth))
+                 self.distill_cfg.teacher_dir, float(np.mean(logits.argmax(-1) == truth)),
+                 len(truth))
+        table = np.zeros((len(self.corpus.utterances), logits.shape[-1]), np.float32)
+        table[np.asarray(self.fold.train)] = logits
+        return table
 
     def make_steps(self) -> TrainingSteps:
         return DistillationSteps(self.model, self.distill_cfg.weight,
@@ -163,14 +175,9 @@ class DistillTrainer(FoldTrainer):
     def train_dataset(self) -> tf.data.Dataset:
         # The crops carry their utterance's index as the "label"; the true label, the
         # teacher's logits and the class weight are looked up by it.
-        n = len(self.corpus.utterances)
-        ds = training_dataset(self.corpus, self.fold.train, np.arange(n),
-                              segment_samples=self.segment, batch_size=self.cfg.batch_size,
-                              seed=self.cfg.seed, augment=self.cfg.augment,
-                              pad_mode=self.cfg.pad_mode, norm_stats=self.norm_stats,
-                              drop_remainder=distribute.replicas() > 1)
+        ds = self.training_crops(np.arange(len(self.corpus.utterances)))
         labels = tf.constant(self.labels.astype(np.int32))
-        teacher = tf.constant(self.teacher_logits)
+        teacher = tf.constant(self.teacher_logits())
         weights = (class_weights(self.labels[self.fold.train], len(self.classes))
                    if self.cfg.class_weighting else np.ones(len(self.classes)))
         weights = tf.constant(weights.astype(np.float32))

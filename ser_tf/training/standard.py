@@ -380,13 +380,19 @@ class FoldTrainer:
         frontend = tf.function(self.model.raw_features, reduce_retracing=True)
         self.model.normalizer.adapt(frontend(w) for _, w in ds)
 
-    def train_dataset(self) -> tf.data.Dataset:
+    def training_crops(self, labels: np.ndarray) -> tf.data.Dataset:
+        """The fold's training batches as the epochs draw them (crops, augmentation,
+        per-speaker statistics, batch and seed of this run), each crop labelled with
+        ``labels[i]`` of its utterance ``i`` (``labels`` indexed like the corpus)."""
         # With several replicas every step must split evenly: no last incomplete batch.
-        ds = training_dataset(self.corpus, self.fold.train, self.labels,
-                              segment_samples=self.segment, batch_size=self.cfg.batch_size,
-                              seed=self.cfg.seed, augment=self.cfg.augment,
-                              pad_mode=self.cfg.pad_mode, norm_stats=self.norm_stats,
-                              drop_remainder=distribute.replicas() > 1)
+        return training_dataset(self.corpus, self.fold.train, labels,
+                                segment_samples=self.segment, batch_size=self.cfg.batch_size,
+                                seed=self.cfg.seed, augment=self.cfg.augment,
+                                pad_mode=self.cfg.pad_mode, norm_stats=self.norm_stats,
+                                drop_remainder=distribute.replicas() > 1)
+
+    def train_dataset(self) -> tf.data.Dataset:
+        ds = self.training_crops(self.labels)
         if self.cfg.class_weighting:
             weights = tf.constant(class_weights(self.labels[self.fold.train],
                                                 len(self.classes)))
