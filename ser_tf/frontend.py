@@ -33,9 +33,10 @@ def written_gradients() -> bool:
 @contextlib.contextmanager
 def automatic_gradients():
     """Models traced (or run eagerly) inside use TensorFlow's automatic gradients instead
-    of the written-out ones (the frontend's :func:`power_spectrum` and
-    :func:`blocked_matmul`, the first conv of :class:`ser_tf.models.layers.ChunkEncoder`);
-    the values are the same. For benchmarks and tests that compare the two."""
+    of the written-out ones (the frontend's log-mel, :class:`LogMelGradient`, and
+    :func:`blocked_matmul`; the first conv and the max pools of
+    :class:`ser_tf.models.layers.ChunkEncoder`); the values are the same. For benchmarks
+    and tests that compare the two."""
     global _written_gradients
     saved, _written_gradients = _written_gradients, False
     try:
@@ -264,61 +265,94 @@ def frame_time(features: tf.Tensor, frame_length: int, frame_step: int) -> tf.Te
     return tf.reshape(frames, [-1, count, frame_length] + trailing)
 
 
-def power_spectrum(waveform: tf.Tensor, frame_length: int, frame_step: int,
-                   fft_length: int) -> tf.Tensor:
-    """``|STFT|^2`` of ``[batch, samples]`` waveforms (periodic Hann window, frames not
-    centred; at least one frame long): ``[batch, frames, fft_length // 2 + 1]``.
-
-    The forward pass is :func:`frame_signal`, the window and ``tf.signal.rfft`` (what
-    TFLite converts to built-in ops, RFFT2D among them). The gradient is written
-    out, because TensorFlow's automatic one (through the RFFT's generic gradient and the
-    framing's gather) costs twice the forward pass: with ``S = rfft(w * frame)`` and
-    ``P = |S|^2``, the gradient of a loss with ``dL/dP = g`` is, per frame,
-    ``dL/dframe = w * N * irfft(c * g * S)[:frame_length]`` (``N`` the FFT length, ``c``
-    2 at the DC and Nyquist bins and 1 elsewhere), and the frames' gradients overlap-add
-    onto the samples. First-order only (the gradient's own gradient is not derived).
-    """
-    # The periodic Hann window (tf.signal.hann_window's), a constant rather than computed.
-    hann = (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(frame_length) / frame_length)
+def hann_window(frame_length: int) -> np.ndarray:
+    """The periodic Hann window (``tf.signal.hann_window``'s), as a NumPy constant."""
+    return (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(frame_length) / frame_length)
             ).astype(np.float32)
 
-    def stft(x):
-        return tf.signal.rfft(frame_signal(x, frame_length, frame_step) * hann, [fft_length])
 
-    def power(spec):
-        return tf.square(tf.math.real(spec)) + tf.square(tf.math.imag(spec))
+def stft(waveform: tf.Tensor, frame_length: int, frame_step: int,
+         fft_length: int) -> tf.Tensor:
+    """STFT of ``[batch, samples]`` waveforms (periodic Hann window, frames not centred; at
+    least one frame long): ``[batch, frames, fft_length // 2 + 1]`` complex64.
 
-    if not _written_gradients:
-        return power(stft(waveform))
-    edges = np.ones(fft_length // 2 + 1, np.float32)
-    edges[0] = edges[-1] = 2.0
-    # The periodic Hann window times N, zero beyond the frame: the backward pass windows and
-    # overlap-adds the inverse FFTs in hop-sized pieces (see _overlap_add).
-    scaled_window = np.zeros(-(-frame_length // frame_step) * frame_step, np.float32)
-    scaled_window[:frame_length] = fft_length * hann
-
-    @tf.custom_gradient
-    def with_gradient(x):
-        spec = stft(x)
-
-        def grad(g):
-            z = tf.cast(g * tf.constant(edges), tf.complex64) * spec
-            frames = tf.signal.irfft(z, [fft_length])
-            return _overlap_add(frames, scaled_window, frame_step, tf.shape(x)[-1])
-
-        return power(spec), grad
-
-    return with_gradient(waveform)
+    :func:`frame_signal`, the window and ``tf.signal.rfft``: what TFLite converts to
+    built-in ops, RFFT2D among them.
+    """
+    return tf.signal.rfft(frame_signal(waveform, frame_length, frame_step)
+                          * hann_window(frame_length), [fft_length])
 
 
-def _overlap_add(frames: tf.Tensor, window: np.ndarray, frame_step: int,
+def power_spectrum(waveform: tf.Tensor, frame_length: int, frame_step: int,
+                   fft_length: int) -> tf.Tensor:
+    """``|STFT|^2`` of ``[batch, samples]`` waveforms (see :func:`stft`):
+    ``[batch, frames, fft_length // 2 + 1]``. TensorFlow's own gradient; the frontend's
+    written-out one is :class:`LogMelGradient`."""
+    return _power(stft(waveform, frame_length, frame_step, fft_length))
+
+
+def _power(spec: tf.Tensor) -> tf.Tensor:
+    return tf.square(tf.math.real(spec)) + tf.square(tf.math.imag(spec))
+
+
+class LogMelGradient:
+    """The input gradient of ``log(|STFT(x)|^2 @ mel + floor)``, written out and compiled.
+
+    TensorFlow's automatic gradient goes through the RFFT's generic gradient and the
+    framing's gather, and costs twice the forward pass. With ``S = rfft(w * frame)``,
+    ``P = |S|^2``, ``E = P @ mel + floor`` and ``dL/dlog(E) = g``, the chain rule gives
+    ``dL/dP = (g / E) @ mel.T`` and, per frame, ``dL/dframe = w * N * irfft(c * dL/dP *
+    S)[:frame_length]`` (``N`` the FFT length, ``c`` 2 at the DC and Nyquist bins and 1
+    elsewhere); the frames' gradients overlap-add onto the samples (:func:`_overlap_add`).
+
+    The whole backward pass is one XLA-compiled function: left to TensorFlow's executor, its
+    elementwise steps (the division, the complex products, the windowing and the shifted
+    adds) each made a full pass over the batch's spectra, and took more time than the
+    inverse FFT itself. One instance per frontend holds the compiled function, so eager
+    callers (an attack library calling the model eagerly) compile it once per input shape,
+    not once per call. First-order only (the gradient's own gradient is not derived).
+
+    Args:
+      mel: the ``[fft_length // 2 + 1, n_mels]`` mel filterbank.
+      frame_length, frame_step, fft_length: the STFT's.
+    """
+
+    def __init__(self, mel: np.ndarray, frame_length: int, frame_step: int,
+                 fft_length: int):
+        edges = np.ones(fft_length // 2 + 1, np.float32)
+        edges[0] = edges[-1] = 2.0
+        # mel.T with the DC and Nyquist doubling folded in: one matmul gives c * dL/dP.
+        self._projection = (mel.T * edges[None, :]).astype(np.float32)
+        # N times the window, zero beyond the frame: the frames' gradients are windowed and
+        # overlap-added in hop-sized pieces (see _overlap_add).
+        self._window = np.zeros(-(-frame_length // frame_step) * frame_step, np.float32)
+        self._window[:frame_length] = fft_length * hann_window(frame_length)
+        self._frame_step = frame_step
+        self._fft_length = fft_length
+        self._compiled = tf.function(self._backward, jit_compile=True, autograph=False)
+
+    def _backward(self, g: tf.Tensor, energy: tf.Tensor, spec: tf.Tensor) -> tf.Tensor:
+        bins = self._projection.shape[1]
+        per_bin = tf.reshape(tf.reshape(g / energy, [-1, g.shape[-1]]) @ self._projection,
+                             tf.concat([tf.shape(g)[:-1], [bins]], 0))
+        z = tf.complex(per_bin * tf.math.real(spec), per_bin * tf.math.imag(spec))
+        frames = tf.signal.irfft(z, [self._fft_length])
+        return _overlap_add(frames, self._window, self._frame_step)
+
+    def __call__(self, g: tf.Tensor, energy: tf.Tensor, spec: tf.Tensor,
                  num_samples: tf.Tensor) -> tf.Tensor:
-    """``overlap_and_add(frames[..., :len] * window[:len], frame_step)`` padded to
-    ``num_samples``, where ``window`` is zero past the frame length and ``k * frame_step``
-    long (``k`` frames overlap each sample): the windowed frames are cut into ``k``
-    hop-sized pieces, and piece ``j`` of every frame lands ``j`` hops later, so the sum is
-    ``k`` shifted adds. Cheaper than ``tf.signal.overlap_and_add`` plus a separate slice
-    and product, and exact. ``frames [B, F, L >= len(window)]``."""
+        """``dL/dx [batch, num_samples]`` from ``g = dL/dlog(E)`` and the forward pass's ``E``
+        and ``S`` (``[batch, frames, n_mels]``, ``[batch, frames, bins]``)."""
+        return _fit_length(self._compiled(g, energy, spec), num_samples)
+
+
+def _overlap_add(frames: tf.Tensor, window: np.ndarray, frame_step: int) -> tf.Tensor:
+    """``overlap_and_add(frames[..., :len] * window[:len], frame_step)``, where ``window``
+    is zero past the frame length and ``k * frame_step`` long (``k`` frames overlap each
+    sample): the windowed frames are cut into ``k`` hop-sized pieces, and piece ``j`` of
+    every frame lands ``j`` hops later, so the sum is ``k`` shifted adds. Cheaper than
+    ``tf.signal.overlap_and_add`` plus a separate slice and product, and exact.
+    ``frames [B, F, L]`` -> ``[B, (F + k - 1) * frame_step]``."""
     pieces_n = len(window) // frame_step
     if frames.shape[-1] < len(window):  # hops so long that k hops pass the FFT length
         frames = tf.pad(frames, [[0, 0], [0, 0], [0, len(window) - frames.shape[-1]]])
@@ -329,8 +363,13 @@ def _overlap_add(frames: tf.Tensor, window: np.ndarray, frame_step: int,
     for j in range(pieces_n):
         shifted = tf.pad(pieces[:, :, j], [[0, 0], [j, pieces_n - 1 - j], [0, 0]])
         total = shifted if total is None else total + shifted
-    covered = (count + pieces_n - 1) * frame_step
-    samples = tf.reshape(total, [batch, covered])
+    return tf.reshape(total, [batch, (count + pieces_n - 1) * frame_step])
+
+
+def _fit_length(samples: tf.Tensor, num_samples: tf.Tensor) -> tf.Tensor:
+    """``samples [B, n]`` zero-padded or cut to ``num_samples`` columns (samples no frame
+    covers get no gradient; columns past the signal are the window's zeros)."""
+    covered = tf.shape(samples)[1]
     return tf.pad(samples, [[0, 0], [0, tf.maximum(0, num_samples - covered)]]
                   )[:, :num_samples]
 
@@ -339,14 +378,14 @@ def _overlap_add(frames: tf.Tensor, window: np.ndarray, frame_step: int,
 class LogMelFrontend(keras.layers.Layer):
     """Waveform ``[batch, samples]`` -> log-mel or MFCC features ``[batch, frames, bins, C]``.
 
-    STFT with a periodic Hann window (:func:`frame_signal` and ``tf.signal.rfft``: the
-    frames of ``tf.signal.stft`` in fewer graph nodes, not centred: frame ``t``
-    covers samples ``[t * hop, t * hop + win)``), power spectrum (:func:`power_spectrum`,
-    whose gradient is written out for fast waveform attacks), mel filterbank, natural log
-    with an additive floor, optionally a DCT to MFCCs, optionally delta and delta-delta as
-    extra channels. Clips shorter than one frame are zero-padded to one frame. The mel and
-    DCT projections run as small blocks (:func:`projection_blocks`): fewer multiply-adds,
-    and quantized TFLite exports keep them in float.
+    STFT with a periodic Hann window (:func:`stft`: the frames of ``tf.signal.stft`` in
+    fewer graph nodes, not centred: frame ``t`` covers samples ``[t * hop, t * hop +
+    win)``), power spectrum, mel filterbank, natural log with an additive floor (the
+    gradient of these four to the samples is written out and compiled for fast waveform
+    attacks, :class:`LogMelGradient`), optionally a DCT to MFCCs, optionally delta and
+    delta-delta as extra channels. Clips shorter than one frame are zero-padded to one
+    frame. The mel and DCT projections run as small blocks (:func:`projection_blocks`):
+    fewer multiply-adds, and quantized TFLite exports keep them in float.
 
     Args:
       sample_rate: input sample rate in Hz.
@@ -390,6 +429,30 @@ class LogMelFrontend(keras.layers.Layer):
         self._mel_blocks = projection_blocks(self._mel)
         self._dct = dct_matrix(self.n_mels, self.n_mfcc) if self.n_mfcc else None
         self._dct_blocks = projection_blocks(self._dct) if self.n_mfcc else None
+        self._log_mel_gradient = LogMelGradient(self._mel, self.frame_length,
+                                                self.frame_step, self.fft_length)
+
+    def _log_mel(self, waveform: tf.Tensor) -> tf.Tensor:
+        """``[batch, samples]`` -> ``[batch, frames, n_mels]`` log-mel energies, with the
+        written-out gradient of :class:`LogMelGradient` (TensorFlow's own inside
+        :func:`automatic_gradients`). The forward ops are the same either way."""
+        def forward(x):
+            spec = stft(x, self.frame_length, self.frame_step, self.fft_length)
+            return spec, blocked_matmul(_power(spec), self._mel, self._mel_blocks) + self.log_floor
+
+        if not _written_gradients:
+            return tf.math.log(forward(waveform)[1])
+
+        @tf.custom_gradient
+        def log_mel(x):
+            spec, energy = forward(x)
+
+            def grad(g):
+                return self._log_mel_gradient(g, energy, spec, tf.shape(x)[-1])
+
+            return tf.math.log(energy), grad
+
+        return log_mel(waveform)
 
     @property
     def bins(self) -> int:
@@ -411,8 +474,7 @@ class LogMelFrontend(keras.layers.Layer):
         if samples is None or samples < self.frame_length:  # pad short clips to one frame
             short = tf.maximum(0, self.frame_length - tf.shape(waveform)[-1])
             waveform = tf.pad(waveform, [[0, 0], [0, short]])
-        power = power_spectrum(waveform, self.frame_length, self.frame_step, self.fft_length)
-        feats = tf.math.log(blocked_matmul(power, self._mel, self._mel_blocks) + self.log_floor)
+        feats = self._log_mel(waveform)
         if self._dct is not None:
             feats = blocked_matmul(feats, self._dct, self._dct_blocks)
         if self.use_deltas:

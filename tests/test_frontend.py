@@ -171,26 +171,48 @@ def _autodiff_gradient(fn, x: np.ndarray, weights: np.ndarray) -> tuple[np.ndarr
     (16000, 25.0, 10.0, 400),    # a single frame
     (16000, 25.0, 18.75, 5000),  # two 300-sample hops pass the 512 FFT
 ])
-def test_power_spectrum_value_and_gradient_match_automatic_differentiation(
+def test_log_mel_value_and_written_gradient_match_automatic_differentiation(
         rate, frame_ms, hop_ms, samples):
-    layer = LogMelFrontend(rate, frame_ms=frame_ms, hop_ms=hop_ms)
-    n, hop, nfft = layer.frame_length, layer.frame_step, layer.fft_length
+    layer = LogMelFrontend(rate, frame_ms=frame_ms, hop_ms=hop_ms, n_mels=40)
+    n, hop = layer.frame_length, layer.frame_step
     rng = np.random.default_rng(3)
     x = (0.1 * rng.standard_normal((2, samples))).astype(np.float32)
-    g = rng.standard_normal((2, layer.num_frames(samples), nfft // 2 + 1)).astype(np.float32)
+    g = rng.standard_normal((2, layer.num_frames(samples), 40, 1)).astype(np.float32)
 
     def reference(v):
         with automatic_gradients():
-            return power_spectrum(v, n, hop, nfft)
+            return layer(v)
 
-    want_p, want_g = _autodiff_gradient(reference, x, g)
-    got_p, got_g = _autodiff_gradient(lambda v: power_spectrum(v, n, hop, nfft), x, g)
-    np.testing.assert_array_equal(got_p, want_p)
+    want_f, want_g = _autodiff_gradient(reference, x, g)
+    got_f, got_g = _autodiff_gradient(layer, x, g)
+    np.testing.assert_array_equal(got_f, want_f)
     assert got_g.shape == x.shape
     np.testing.assert_allclose(got_g, want_g, atol=1e-5 * np.abs(want_g).max())
     if samples > n:  # samples after the last frame get no gradient
         last = (layer.num_frames(samples) - 1) * hop + n
         assert not got_g[:, last:].any() and got_g[:, :last].any()
+
+
+def test_power_spectrum_is_the_squared_magnitude_of_tf_signal_stft():
+    rng = np.random.default_rng(6)
+    x = (0.1 * rng.standard_normal((2, 3000))).astype(np.float32)
+    want = np.abs(tf.signal.stft(x, 400, 160, 512, pad_end=False).numpy()) ** 2
+    np.testing.assert_allclose(power_spectrum(x, 400, 160, 512).numpy(), want,
+                               rtol=1e-4, atol=1e-6 * want.max())
+
+
+def test_written_gradient_compiles_once_per_shape_for_eager_callers():
+    """Eager callers (an attack library running the model eagerly) reuse the compiled
+    backward pass: one trace per input shape, not one per call."""
+    layer = LogMelFrontend(16000, n_mels=24)
+    rng = np.random.default_rng(7)
+    for samples in (4000, 4000, 4000, 6000, 6000):
+        x = tf.constant((0.1 * rng.standard_normal((2, samples))).astype(np.float32))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x))
+        assert np.all(np.isfinite(tape.gradient(loss, x).numpy()))
+    assert layer._log_mel_gradient._compiled.experimental_get_tracing_count() == 2
 
 
 def test_blocked_matmul_gradient_is_the_dense_products():
