@@ -171,6 +171,11 @@ def test_chunk_encoder_inference_folds_batchnorm_into_the_convs():
     assert not batchnorm_ops()
     with unfolded_batchnorm():
         assert batchnorm_ops() == {"block1", "block2"}
+    # Folded, each block's relu runs after its max pool, on a quarter of the elements.
+    graph = tf.function(lambda v: encoder(v, training=False)).get_concrete_function(
+        tf.TensorSpec([None, None, 12, 1])).graph
+    relus = [op for op in graph.get_operations() if op.type == "Relu" and "_relu" in op.name]
+    assert len(relus) == 2 and all("_pool" in op.inputs[0].op.name for op in relus)
 
 
 def test_folded_stack_rejects_a_strided_conv():
