@@ -119,6 +119,48 @@ def test_default_labels_are_the_models_predictions(tone_model):
     np.testing.assert_allclose(with_pred.numpy(), with_true.numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_concurrent_halves_give_each_example_its_own_logits_and_gradient(tone_model, batch):
+    """Split batches (how the attacks run on a CPU) change no logit and no gradient, odd
+    and single-example batches included, with the batch size unknown when traced."""
+    model, x, y = tone_model
+    x, y = x[:batch], y[:batch]
+    spec = tf.TensorSpec([None] + x.shape[1:].as_list())
+
+    def logits_and_gradient(fn):
+        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int32)])
+        def run(v, labels):
+            with tf.GradientTape() as tape:
+                tape.watch(v)
+                logits = fn(v)
+                loss = tf.reduce_sum(W._loss(logits, labels))
+            return logits, tape.gradient(loss, v)
+        return [t.numpy() for t in run(x, tf.cast(y, tf.int32))]
+
+    whole = logits_and_gradient(lambda v: model(v, training=False))
+    split = logits_and_gradient(W.concurrent_halves(lambda v: model(v, training=False)))
+    assert split[0].shape == (batch, whole[0].shape[1]) and np.abs(whole[1]).max() > 0
+    np.testing.assert_allclose(split[0], whole[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(split[1], whole[1], rtol=1e-4, atol=1e-6 * np.abs(whole[1]).max())
+
+
+def test_attacks_split_batches_only_without_a_gpu(tone_model, monkeypatch):
+    model, x, y = tone_model
+    calls = []
+
+    def model_fn(v):
+        calls.append(v.shape[0])
+        return model(v, training=False)
+
+    monkeypatch.setattr(W, "_split_batches", lambda: True)
+    W.fgsm(model_fn, x[:6], budget=LINF, y=y[:6])
+    assert calls and set(calls) == {3}
+    calls.clear()
+    monkeypatch.setattr(W, "_split_batches", lambda: False)
+    W.fgsm(model_fn, x[:6], budget=LINF, y=y[:6])
+    assert calls and set(calls) == {6}
+
+
 def test_linf_pgd_takes_cleverhans_steps_in_the_scaled_space(tone_model):
     """pgd runs L-inf steps in input units with a fused step kernel; the reference is
     CleverHans' own composition in the scaled space (its fast gradient step, clip_eta and
