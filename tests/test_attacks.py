@@ -120,15 +120,18 @@ def test_default_labels_are_the_models_predictions(tone_model):
 
 
 @pytest.mark.parametrize("batch", [1, 2, 5])
-def test_concurrent_halves_give_each_example_its_own_logits_and_gradient(tone_model, batch):
+@pytest.mark.parametrize("static", [True, False])
+def test_concurrent_halves_give_each_example_its_own_logits_and_gradient(
+        tone_model, batch, static):
     """Split batches (how the attacks run on a CPU) change no logit and no gradient, odd
-    and single-example batches included, with the batch size unknown when traced."""
+    and single-example batches included, with the batch size known or unknown when
+    traced."""
     model, x, y = tone_model
     x, y = x[:batch], y[:batch]
-    spec = tf.TensorSpec([None] + x.shape[1:].as_list())
+    spec = tf.TensorSpec([batch if static else None] + x.shape[1:].as_list())
 
     def logits_and_gradient(fn):
-        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int32)])
+        @tf.function(input_signature=[spec, tf.TensorSpec(spec.shape[:1], tf.int32)])
         def run(v, labels):
             with tf.GradientTape() as tape:
                 tape.watch(v)

@@ -73,18 +73,29 @@ def concurrent_halves(model_fn: ModelFn) -> ModelFn:
 
     Inside a graph the halves' forward and backward passes share no op, so TensorFlow's
     executor runs them side by side: on a 2-core CPU, where one pass over a batch of 32
-    leaves a core idle a fifth of the time (the LSTM's short steps, the FFTs and the small
-    convs do not split across cores), the gradient of the EmoDB CNN-LSTM comes 1.08-1.14x
-    faster (BENCHMARKS.md, attack throughput). The values are the model's: each example's
-    logits come from one call on a batch holding it. An odd batch overlaps its halves by one
-    example, whose logits (and gradient) come from the first half only, so no call ever
-    gets an empty batch.
+    leaves a core idle part of the time (the LSTM's short steps, the FFTs and the small
+    convs do not split across cores), a compiled PGD-10 on the EmoDB CNN-LSTM runs about
+    1.1x faster (BENCHMARKS.md, attack throughput). The values are the model's: each
+    example's logits come from one call on a batch holding it.
+
+    A batch whose size is known when traced is cut with ``tf.split`` (its gradient is a
+    concat; a batch of one goes through whole). One of unknown size (the runner's last,
+    smaller batch) is cut into two slices that overlap by one example when the size is odd,
+    whose logits (and gradient) then come from the first half only: no call ever gets an
+    empty batch. Slices cost a little more than a split backward (their gradients are
+    padded back to the whole batch).
 
     On a GPU the halves would queue on one stream and only add launches: the white-box
     attacks split batches on CPU-only machines (:func:`_prepare`).
     """
     def halves(x):
         x = tf.convert_to_tensor(x)
+        n = x.shape[0]
+        if n is not None:
+            if n < 2:
+                return model_fn(x)
+            return tf.concat([model_fn(part) for part in tf.split(x, [(n + 1) // 2, n // 2])],
+                             axis=0)
         n = tf.shape(x)[0]
         h = (n + 1) // 2
         return tf.concat([model_fn(x[:h]), model_fn(x[n - h:])[2 * h - n:]], axis=0)
