@@ -4,7 +4,9 @@ The question: how many examples per second does a 10-step L-inf PGD on waveforms
 and how close is that to the best any implementation could do on this model?
 
 * **ser_tf**: :func:`ser_tf.attacks.whitebox.pgd` (CleverHans' PGD in the budget's scaled
-  space), random start, 10 steps, inside one ``tf.function``, as ``ser-attack`` runs it.
+  space), random start, 10 steps, inside one ``tf.function``, as ``ser-attack`` runs it
+  (on a CPU, each batch as two concurrent halves,
+  :func:`ser_tf.attacks.whitebox.concurrent_halves`).
 * **ART**: ``ProjectedGradientDescent`` of the Adversarial Robustness Toolbox (the
   ``bench`` extra) through ``TensorFlowV2Classifier`` on the same Keras model, the same
   inputs, the same budget (-30 dB below the peak; the clips are peak-normalised, so one
@@ -15,9 +17,10 @@ and how close is that to the best any implementation could do on this model?
 
 Pushing the bound itself means making the model's own gradient cheaper. Two ways are
 measured: the model's own optimisations (the written-out gradients of the frontend,
-:func:`ser_tf.frontend.power_spectrum` and :func:`ser_tf.frontend.blocked_matmul`, and of
+:class:`ser_tf.frontend.LogMelGradient` and :func:`ser_tf.frontend.blocked_matmul`, and of
 the first conv, :func:`ser_tf.models.layers.conv2d_same`; the BatchNorms folded into the
-convs at inference, :func:`ser_tf.models.layers.folded_stack`), against the "unoptimised"
+convs at inference and the relus moved after the pools,
+:func:`ser_tf.models.layers.folded_stack`), against the "unoptimised"
 rows, which trace the same model with TensorFlow's own gradients
 (:func:`ser_tf.frontend.automatic_gradients`) and its conv stack called layer by layer
 (:func:`ser_tf.models.layers.unfolded_batchnorm`), ART's included (its eager calls read the
@@ -300,7 +303,8 @@ def to_markdown(report: dict) -> str:
     optimised = report.get("optimisations", {})
     if optimised.get("bound_speedup"):
         lines.append(f"- The model's own optimisations (written-out gradients of the frontend "
-                     "and the first conv, BatchNorm folded into the convs at inference) "
+                     "and the first conv, BatchNorm folded into the convs at inference, "
+                     "relus after the pools) "
                      f"move the bound by {optimised['bound_speedup']:.2f}x and ser_tf's PGD "
                      f"by {optimised['pgd_speedup']:.2f}x over the unoptimised model.")
     if optimised.get("ratio_art_unoptimised"):
