@@ -283,15 +283,8 @@ def stft(waveform: tf.Tensor, frame_length: int, frame_step: int,
                           * hann_window(frame_length), [fft_length])
 
 
-def power_spectrum(waveform: tf.Tensor, frame_length: int, frame_step: int,
-                   fft_length: int) -> tf.Tensor:
-    """``|STFT|^2`` of ``[batch, samples]`` waveforms (see :func:`stft`):
-    ``[batch, frames, fft_length // 2 + 1]``. TensorFlow's own gradient; the frontend's
-    written-out one is :class:`LogMelGradient`."""
-    return _power(stft(waveform, frame_length, frame_step, fft_length))
-
-
 def _power(spec: tf.Tensor) -> tf.Tensor:
+    """``|spec|^2``, elementwise."""
     return tf.square(tf.math.real(spec)) + tf.square(tf.math.imag(spec))
 
 
