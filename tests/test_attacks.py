@@ -147,7 +147,7 @@ def test_concurrent_halves_give_each_example_its_own_logits_and_gradient(
     np.testing.assert_allclose(split[1], whole[1], rtol=1e-4, atol=1e-6 * np.abs(whole[1]).max())
 
 
-def test_attacks_split_batches_only_without_a_gpu(tone_model, monkeypatch):
+def test_attacks_call_the_model_on_halves_exactly_when_batches_are_split(tone_model, monkeypatch):
     model, x, y = tone_model
     calls = []
 
