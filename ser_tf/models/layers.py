@@ -157,13 +157,12 @@ def folded_stack(layers: Sequence[keras.layers.Layer], x: tf.Tensor) -> tf.Tenso
     i = 0
     while i < len(layers):
         layer = layers[i]
-        bn = layers[i + 1] if i + 1 < len(layers) else None
+        following = layers[i + 1] if i + 1 < len(layers) else None
         if (isinstance(layer, keras.layers.Activation)
                 and layer.activation is keras.activations.relu
-                and isinstance(bn, keras.layers.MaxPooling2D)):
-            pool = bn
-            with tf.name_scope(pool.name):
-                x = max_pool_same(x, pool)
+                and isinstance(following, keras.layers.MaxPooling2D)):
+            with tf.name_scope(following.name):
+                x = max_pool_same(x, following)
             with tf.name_scope(layer.name):
                 x = tf.nn.relu(x)
             i += 2
@@ -174,10 +173,11 @@ def folded_stack(layers: Sequence[keras.layers.Layer], x: tf.Tensor) -> tf.Tenso
             i += 1
             continue
         if not (isinstance(layer, keras.layers.Conv2D)
-                and isinstance(bn, keras.layers.BatchNormalization)):
+                and isinstance(following, keras.layers.BatchNormalization)):
             x = layer(x, training=False)
             i += 1
             continue
+        bn = following
         if (tuple(layer.strides) != (1, 1) or layer.padding != "same"
                 or tuple(layer.dilation_rate) != (1, 1) or layer.groups != 1
                 or layer.data_format != "channels_last" or bn.axis not in (-1, 3)):
