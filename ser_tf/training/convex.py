@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from ser_tf.evaluation.predict import predict_utterances
-from ser_tf.training.standard import FoldTrainer, class_weights
+from ser_tf.training.standard import FoldTrainer
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +208,7 @@ class ConvexTrainer(FoldTrainer):
         bn.set_weights([np.ones_like(mean), np.zeros_like(mean), mean, var])
         # The standardised functionals the head sees: the layer itself computes them.
         z = bn(tf.constant(x, tf.float32), training=False).numpy()
-        weights = (class_weights(y, len(self.classes))[y] if self.cfg.class_weighting
-                   else np.ones(len(y), np.float32))
+        weights = self.loss_weights()[y]
         dense = self.model.classifier.get_layer("logits")
         for epoch in range(start, points):
             c = self.convex.c_values[epoch]

@@ -33,8 +33,7 @@ import tensorflow as tf
 from ser_tf.data.pipeline import evaluation_dataset, hop_in_samples
 from ser_tf.evaluation.predict import predict_utterances
 from ser_tf.training import distribute
-from ser_tf.training.standard import (FoldTrainer, TrainingSteps, class_weights,
-                                      load_fold_model)
+from ser_tf.training.standard import FoldTrainer, TrainingSteps, load_fold_model
 from ser_tf.workdir import run_flags
 
 log = logging.getLogger(__name__)
@@ -178,9 +177,7 @@ class DistillTrainer(FoldTrainer):
         ds = self.training_crops(np.arange(len(self.corpus.utterances)))
         labels = tf.constant(self.labels.astype(np.int32))
         teacher = tf.constant(self.teacher_logits())
-        weights = (class_weights(self.labels[self.fold.train], len(self.classes))
-                   if self.cfg.class_weighting else np.ones(len(self.classes)))
-        weights = tf.constant(weights.astype(np.float32))
+        weights = tf.constant(self.loss_weights())
 
         def attach(x, index):
             y = tf.gather(labels, index)

@@ -391,11 +391,17 @@ class FoldTrainer:
                                 pad_mode=self.cfg.pad_mode, norm_stats=self.norm_stats,
                                 drop_remainder=distribute.replicas() > 1)
 
+    def loss_weights(self) -> np.ndarray:
+        """``[classes]`` float32: each class's weight in the training loss, balanced over
+        the training split with ``class_weighting`` (:func:`class_weights`), else ones."""
+        if not self.cfg.class_weighting:
+            return np.ones(len(self.classes), np.float32)
+        return class_weights(self.labels[self.fold.train], len(self.classes))
+
     def train_dataset(self) -> tf.data.Dataset:
         ds = self.training_crops(self.labels)
         if self.cfg.class_weighting:
-            weights = tf.constant(class_weights(self.labels[self.fold.train],
-                                                len(self.classes)))
+            weights = tf.constant(self.loss_weights())
             ds = ds.map(lambda x, y: (x, y, tf.gather(weights, y)))
         return ds
 
